@@ -1,0 +1,149 @@
+"""Build a `Transformer` straight from a hub-layout checkpoint, each rank reading only its slices.
+
+Boundary: maps HF tensor names to the model's parameters and to how they are split across ranks
+(`SHARDING`, the one table of it); reads through `dsv3cli.checkpoint.Checkpoint` (lazy safetensors
+slices). No forward logic. FP8 weights are copied as FP8 together with the rows/columns of their
+block scales that cover this rank's part; BF16/F32 tensors are cast to the compute dtype (norms,
+the routing bias and FP8 scales stay float32).
+
+Checkpoints saved by transformers (per-expert names, no MTP layer, possibly a single
+model.safetensors) load too; the MTP module is then absent.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import DsvError
+from .model import Transformer
+from .parallel import BLOCK, Dist, block_cover, split_range
+
+# How each tensor is split, by HF name (first match wins). The scale of an FP8 weight follows its
+# weight, in block units.
+#   vocab: rows split (ceil parts; the last padded)    col: output rows split (dim 0)
+#   row:   input columns split (dim 1)                  expert: whole, on the rank owning the expert
+#   replicated: whole on every rank
+SHARDING: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), kind)
+    for p, kind in [
+        (r"(^model\.|\.)embed_tokens\.weight$", "vocab"),
+        (r"^lm_head\.weight$|\.shared_head\.head\.weight$", "vocab"),
+        (r"\.self_attn\.(q_proj|q_b_proj|kv_b_proj)\.weight", "col"),
+        (r"\.self_attn\.o_proj\.weight", "row"),
+        (r"\.mlp\.experts\.\d+\.", "expert"),
+        (r"\.mlp\.(shared_experts\.)?(gate_proj|up_proj)\.weight", "col"),
+        (r"\.mlp\.(shared_experts\.)?down_proj\.weight", "row"),
+        (r"", "replicated"),  # norms, q_a_proj, kv_a_proj_with_mqa, router, bias, eh_proj
+    ]
+]
+SPLIT_DIM = {"vocab": 0, "col": 0, "row": 1}
+SCALE = "_scale_inv"
+
+F8 = "F8_E4M3"
+
+
+def shard_kind(name: str) -> str:
+    for pat, kind in SHARDING:
+        if pat.search(name):
+            return kind
+    return "replicated"
+
+
+def hf_name(key: str, num_hidden_layers: int) -> str:
+    """The checkpoint name of a model state_dict key (the MTP module is layer num_hidden_layers)."""
+    if key.startswith("mtp."):
+        return f"model.layers.{num_hidden_layers}.{key[4:]}"
+    if key.startswith("lm_head."):
+        return key
+    return "model." + key
+
+
+def load_model(
+    ckpt_path: str | Path | Checkpoint,
+    dist: Dist = Dist(),
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    max_batch_size: int = 1,
+    max_seq_len: int = 4096,
+    progress: Callable[[int, int], None] | None = None,
+) -> Transformer:
+    """A Transformer with this rank's share of the checkpoint's weights.
+
+    `progress(done, total)` is called after each tensor (for a progress bar).
+    """
+    ck = ckpt_path if isinstance(ckpt_path, Checkpoint) else Checkpoint(ckpt_path)
+    cfg = ck.config
+    N = cfg.num_hidden_layers
+    # The file, not config.json, decides: transformers drops layer N but keeps num_nextn_predict_layers.
+    if cfg.num_nextn_predict_layers > 0 and not ck.has(f"model.layers.{N}.eh_proj.weight"):
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    probe = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    fp8 = ck.has(probe) and ck.dtype(probe) == F8
+    if fp8 != cfg.is_fp8:
+        qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+        cfg = cfg.replace(quantization_config=qc if fp8 else None)
+
+    model = Transformer(cfg, dist, dtype=dtype, device=device, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    if model.mtp is not None:
+        model.mtp.add_own_embedding_and_head(
+            embedding=ck.has(f"model.layers.{N}.embed_tokens.weight"),
+            head=ck.has(f"model.layers.{N}.shared_head.head.weight"),
+        )
+
+    targets = model.state_dict(keep_vars=True)
+    missing: list[str] = []
+    for i, (key, t) in enumerate(targets.items()):
+        name = hf_name(key, N)
+        if name == "lm_head.weight" and not ck.has(name) and cfg.tie_word_embeddings:
+            name = "model.embed_tokens.weight"
+        weight = name[: -len(SCALE)] if name.endswith(SCALE) else name
+        if not ck.has(name) or not ck.has(weight):
+            missing.append(name)
+            continue
+        with torch.no_grad():
+            t.copy_(_read(ck, name, t, dist).to(device=t.device, dtype=t.dtype))
+        if progress is not None:
+            progress(i + 1, len(targets))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DsvError(
+            f"{ck.path}: missing tensors {', '.join(missing[:5])}{more}; the checkpoint is incomplete "
+            "or not of this config (run dsv3 verify)"
+        )
+    return model
+
+
+def _read(ck: Checkpoint, name: str, target: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """This rank's part of `name`, shaped like `target` (vocab parts zero-padded)."""
+    is_scale = name.endswith(SCALE)
+    weight = name[: -len(SCALE)] if is_scale else name
+    kind = shard_kind(weight)
+    full = ck.shape(weight)
+    if kind not in SPLIT_DIM:
+        out = ck.get(name)
+    else:
+        dim = SPLIT_DIM[kind]
+        lo, hi = split_range(full[dim], dist, pad=kind == "vocab")
+        fp8 = ck.dtype(weight) == F8
+        if fp8 != (target.dtype == torch.float8_e4m3fn or is_scale):
+            raise DsvError(f"{weight}: stored as {ck.dtype(weight)} but the model expects {'FP8' if not fp8 else 'no FP8'} here")
+        if fp8:  # whole 128-blocks around the rank's part; Linear keeps the offset
+            lo, hi = block_cover(lo, hi, full[dim])
+            if is_scale:
+                lo, hi = lo // BLOCK, -(-hi // BLOCK)
+        sl = ck.get_slice(name)
+        out = sl[lo:hi] if dim == 0 else sl[:, lo:hi]
+        if kind == "vocab" and out.shape[0] < target.shape[0]:
+            out = torch.cat([out, out.new_zeros(target.shape[0] - out.shape[0], *out.shape[1:])])
+    if tuple(out.shape) != tuple(target.shape):
+        raise DsvError(
+            f"{name}: shape {list(ck.shape(name))} does not match the config (this rank expects "
+            f"{list(target.shape)} of it); the checkpoint and config.json disagree"
+        )
+    return out

@@ -1,0 +1,412 @@
+"""The DeepSeek-V3 model: MLA attention over a latent KV cache, dense and MoE layers, and the MTP module.
+
+Boundary: forward math only; no file I/O (loading.py fills the parameters), no CLI, no sampling
+(generation.py). Semantics follow DESIGN.md §3 exactly. Rank and world size arrive in a `Dist`;
+tensor/expert-parallel layers and their collectives are in parallel.py (plus the one all_reduce
+in `MoE.forward`).
+
+Shapes: B batch, T new tokens, S cache length read (max position + 1), D hidden, H local heads,
+C kv_lora_rank, R qk_rope_head_dim, N tokens (B*T), E routed experts, K experts per token.
+
+Every cached forward (prefill, decode, multi-token MTP verification) goes through the same
+attention path, `Transformer.attn_impl`: "absorb" (default: kv_b_proj folded into the query and
+the output, attention over the latent cache) or "naive" (K/V expanded from the latent cache
+through kv_b_proj; the reference). Both read and write the same cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .errors import DsvError
+from .parallel import (
+    ColumnParallelLinear,
+    Dist,
+    Linear,
+    ParallelHead,
+    RowParallelLinear,
+    Scratch,
+    VocabParallelEmbedding,
+    split_range,
+)
+
+RouteObserver = Callable[[int, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight).to(x.dtype)
+
+
+# ---- rotary embedding ---------------------------------------------------------------------------
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Per-pair angular frequencies [R/2] (float64), YaRN-corrected whenever rope_scaling is yarn."""
+    d, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
+    f = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    y = cfg.yarn
+    if y is None:
+        return f
+
+    def corr(r: float) -> float:  # the dimension whose wavelength fits r times into L0
+        return d * math.log(y["original_max_position_embeddings"] / (2 * math.pi * r)) / (2 * math.log(base))
+
+    low = max(math.floor(corr(y["beta_fast"])), 0)
+    high = min(math.ceil(corr(y["beta_slow"])), d - 1)
+    if high == low:
+        high += 0.001  # a flat ramp would divide by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    return f / y["factor"] * ramp + f * (1 - ramp)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2j, 2j+1) of x [B,T,H,R] by angles given as cos/sin [B,T,R/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [B,T,H,R/2,2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2).to(x.dtype)
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention with heads split across ranks and a static latent cache."""
+
+    def __init__(self, cfg: ModelConfig, dist: Dist, *, dtype: torch.dtype, scratch: Scratch, max_batch_size: int, max_seq_len: int):
+        super().__init__()
+        D, nh = cfg.hidden_size, cfg.num_attention_heads
+        self.h = nh // dist.world_size
+        self.nope, self.rope, self.vdim, self.c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        self.impl = "absorb"
+        kw = dict(dtype=dtype, fp8=cfg.is_fp8, scratch=scratch)
+        qk = self.nope + self.rope
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, **kw)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, nh * qk, dist, **kw)
+        else:
+            self.q_proj = ColumnParallelLinear(D, nh * qk, dist, **kw)
+        self.kv_a_proj_with_mqa = Linear(D, self.c + self.rope, **kw)
+        self.kv_a_layernorm = RMSNorm(self.c, cfg.rms_norm_eps)
+        self.kv_b_proj = ColumnParallelLinear(self.c, nh * (self.nope + self.vdim), dist, **kw)
+        self.o_proj = RowParallelLinear(nh * self.vdim, D, dist, **kw)
+        # Zeros, not empty: masked-out slots are multiplied by 0 and must not hold NaN.
+        self.register_buffer("kv_cache", torch.zeros(max_batch_size, max_seq_len, self.c, dtype=dtype), persistent=False)
+        self.register_buffer("pe_cache", torch.zeros(max_batch_size, max_seq_len, self.rope, dtype=dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        S = mask.shape[-1]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.h, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B,T,H,nope], [B,T,H,R]
+        q_pe = apply_rope(q_pe, cos, sin)
+
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.c, self.rope], dim=-1)  # [B,T,C], [B,T,R]
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        rows = torch.arange(B, device=x.device).unsqueeze(1)  # [B,1]
+        self.kv_cache[rows, pos] = self.kv_a_layernorm(latent)
+        self.pe_cache[rows, pos] = k_pe
+        kv, pe = self.kv_cache[:B, :S], self.pe_cache[:B, :S]  # [B,S,C], [B,S,R]
+
+        if self.impl == "naive":
+            k_nope, v = self.kv_b_proj(kv).view(B, S, self.h, -1).split([self.nope, self.vdim], dim=-1)
+            scores = torch.einsum("bthd,bshd->bths", q_nope, k_nope)
+        else:
+            w = self.kv_b_proj.dense_weight(x.dtype).view(self.h, self.nope + self.vdim, self.c)
+            q_abs = torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope])  # [B,T,H,C]
+            scores = torch.einsum("bthc,bsc->bths", q_abs, kv)
+        scores = (scores + torch.einsum("bthr,bsr->bths", q_pe, pe)) * self.scale  # [B,T,H,S]
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        if self.impl == "naive":
+            out = torch.einsum("bths,bshd->bthd", probs, v)
+        else:
+            out = torch.einsum("bths,bsc->bthc", probs, kv)
+            out = torch.einsum("bthc,hdc->bthd", out, w[:, self.nope :])  # [B,T,H,vdim]
+        return self.o_proj(out.flatten(2))
+
+
+# ---- feed-forward ----------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """SwiGLU, tensor parallel over the intermediate dimension (dense layers, shared experts)."""
+
+    def __init__(self, dim: int, inter: int, dist: Dist, *, reduce: bool = True, **kw):
+        super().__init__()
+        self.gate_proj = ColumnParallelLinear(dim, inter, dist, **kw)
+        self.up_proj = ColumnParallelLinear(dim, inter, dist, **kw)
+        self.down_proj = RowParallelLinear(inter, dim, dist, reduce=reduce, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """One routed expert, whole on the rank that owns it."""
+
+    def __init__(self, dim: int, inter: int, **kw):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter, **kw)
+        self.up_proj = Linear(dim, inter, **kw)
+        self.down_proj = Linear(inter, dim, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """The router: noaux_tc (sigmoid, bias for selection only, top-2-sum groups) or V2 softmax
+    (greedy, or group_limited_greedy with max-per-group)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.k, self.groups, self.topk_groups = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.method, self.score_func = cfg.topk_method, cfg.scoring_func
+        self.norm, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        if self.method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor, want_nobias: bool = False):
+        """x [N,D] -> weights [N,K] float32, experts [N,K], experts chosen without the bias [N,K] | None."""
+        logits = F.linear(x.float(), self.weight.float())  # [N,E]
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        idx = self._select(scores, self.e_score_correction_bias)
+        nobias = self._select(scores, None) if want_nobias and self.e_score_correction_bias is not None else None
+        w = scores.gather(1, idx)
+        if self.norm:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.route_scale, idx, nobias
+
+    def _select(self, scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        s = scores if bias is None else scores + bias
+        if self.groups > 1 and self.method != "greedy":
+            g = s.view(s.shape[0], self.groups, -1)  # [N,G,E/G]
+            group_score = g.amax(-1) if self.method != "noaux_tc" else g.topk(2, dim=-1)[0].sum(-1)
+            keep = group_score.topk(self.topk_groups, dim=-1)[1]  # [N,topk_group]
+            drop = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            s = g.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
+        return s.topk(self.k, dim=-1)[1]
+
+
+class MoE(nn.Module):
+    """Routed experts split across ranks (expert parallel) plus tensor-parallel shared experts."""
+
+    def __init__(self, cfg: ModelConfig, dist: Dist, layer_idx: int, **kw):
+        super().__init__()
+        self.dist, self.layer_idx = dist, layer_idx
+        E, D = cfg.n_routed_experts, cfg.hidden_size
+        self.lo, self.hi = split_range(E, dist)
+        self.gate = Gate(cfg, dtype=kw["dtype"])
+        self.experts = nn.ModuleList(
+            [Expert(D, cfg.moe_intermediate_size, **kw) if self.lo <= e < self.hi else None for e in range(E)]
+        )
+        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared_experts = MLP(D, inter, dist, reduce=False, **kw) if inter else None
+        self.observer: RouteObserver | None = None
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N,D]
+        w, idx, nobias = self.gate(x, want_nobias=self.observer is not None)
+        if self.observer is not None:
+            self.observer(self.layer_idx, idx, nobias, valid)
+        y = torch.zeros_like(x)
+        counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
+        for e in range(self.lo, self.hi):
+            if counts[e] == 0:
+                continue
+            tok, slot = torch.where(idx == e)
+            y.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None].to(x.dtype))
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if self.dist.world_size > 1:
+            tdist.all_reduce(y, group=self.dist.group)
+        return y.view(shape)
+
+
+# ---- blocks ------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, dist: Dist, layer_idx: int, *, dtype, scratch, max_batch_size, max_seq_len):
+        super().__init__()
+        kw = dict(dtype=dtype, fp8=cfg.is_fp8, scratch=scratch)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, dist, dtype=dtype, scratch=scratch, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = MoE(cfg, dist, layer_idx, **kw)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dist, **kw)
+
+    def forward(self, x, pos, cos, sin, mask, valid=None):
+        x = x + self.self_attn(self.input_layernorm(x), pos, cos, sin, mask)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, valid) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head: ParallelHead | None = None  # the main model's head unless the file's copy is loaded
+
+
+class MTP(Block):
+    """The multi-token-prediction module (layer num_hidden_layers): a decoder layer fed with
+    eh_proj([enorm(embed(t_{p+1})), hnorm(h_p)]), then shared_head.norm and the head."""
+
+    def __init__(self, cfg: ModelConfig, dist: Dist, *, dtype, scratch, max_batch_size, max_seq_len):
+        super().__init__(cfg, dist, cfg.num_hidden_layers, dtype=dtype, scratch=scratch, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        D = cfg.hidden_size
+        self.cfg, self.dist, self.dtype = cfg, dist, dtype
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.eh_proj = Linear(2 * D, D, dtype=dtype)
+        self.shared_head = SharedHead(cfg)
+        self.embed_tokens: VocabParallelEmbedding | None = None
+
+    def add_own_embedding_and_head(self, embedding: bool, head: bool) -> None:
+        """Give the module its own copies (the checkpoint has them) instead of the main model's."""
+        cfg, dev = self.cfg, self.enorm.weight.device
+        with torch.device(dev):
+            if embedding:
+                self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.dist, dtype=self.dtype)
+            if head:
+                self.shared_head.head = ParallelHead(cfg.hidden_size, cfg.vocab_size, self.dist, dtype=self.dtype)
+
+
+# ---- the model ---------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dist: Dist = Dist(),
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        max_batch_size: int = 1,
+        max_seq_len: int = 4096,
+    ):
+        super().__init__()
+        check_divisible(cfg, dist)
+        self.cfg, self.dist, self.dtype = cfg, dist, dtype
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.scratch = Scratch()
+        self.route_observer: RouteObserver | None = None
+        kw = dict(dtype=dtype, scratch=self.scratch, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        with torch.device(device):
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dist, dtype=dtype)
+            self.layers = nn.ModuleList([Block(cfg, dist, i, **kw) for i in range(cfg.num_hidden_layers)])
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, dist, dtype=dtype)
+            self.mtp = MTP(cfg, dist, **kw) if cfg.num_nextn_predict_layers > 0 else None
+            angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), rope_frequencies(cfg))  # [maxS,R/2]
+            self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.mtp is not None
+
+    @property
+    def attn_impl(self) -> str:
+        return self.layers[0].self_attn.impl if len(self.layers) else "absorb"
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str) -> None:
+        if impl not in ("absorb", "naive"):
+            raise ValueError(f"attn_impl must be 'absorb' or 'naive', not {impl!r}")
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.impl = impl
+
+    def _positions(self, tokens: torch.Tensor, start_pos: torch.Tensor):
+        B, T = tokens.shape
+        if B > self.max_batch_size:
+            raise DsvError(f"batch of {B} sequences exceeds max_batch_size {self.max_batch_size}")
+        pos = start_pos.to(tokens.device).view(B, 1) + torch.arange(T, device=tokens.device)  # [B,T]
+        S = int(pos.max()) + 1
+        if S > self.max_seq_len or int(pos.min()) < 0:
+            raise DsvError(f"position {S - 1} is outside the cache (max_seq_len {self.max_seq_len})")
+        mask = torch.arange(S, device=tokens.device) <= pos.unsqueeze(-1)  # [B,T,S]: causal by position
+        return pos, self.rope_cos[pos], self.rope_sin[pos], mask
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor, valid: torch.Tensor | None = None):
+        """tokens [B,T], start_pos [B] -> (logits float32 [B,T,V], final-normed hidden [B,T,D]).
+
+        Token t of sequence b sits at position start_pos[b]+t; its K/V latent is written there.
+        `valid` [B,T] (optional) only tells `route_observer` which tokens are padding.
+        """
+        pos, cos, sin, mask = self._positions(tokens, start_pos)
+        flat_valid = valid.reshape(-1) if valid is not None else None
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.observer = self.route_observer
+        h = self.embed_tokens(tokens)  # [B,T,D]
+        for layer in self.layers:
+            h = layer(h, pos, cos, sin, mask, flat_valid)
+        h = self.norm(h)
+        return self.lm_head(h), h
+
+    @torch.no_grad()
+    def mtp_forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos: torch.Tensor):
+        """hidden [B,T,D] (h_p, final-normed), next_tokens [B,T] (t_{p+1}), start_pos [B]
+        -> (logits float32 [B,T,V] for t_{p+2}, the module's normed hidden [B,T,D]).
+
+        Uses the MTP layer's own cache at positions p = start_pos[b]+t. The returned hidden plays
+        the role of h for the next draft step.
+        """
+        if self.mtp is None:
+            raise DsvError("this checkpoint has no MTP layer (num_nextn_predict_layers is 0 or its tensors are absent)")
+        m = self.mtp
+        pos, cos, sin, mask = self._positions(next_tokens, start_pos)
+        e = (m.embed_tokens or self.embed_tokens)(next_tokens)  # [B,T,D]
+        x = m.eh_proj(torch.cat([m.enorm(e), m.hnorm(hidden.to(self.dtype))], dim=-1))  # [B,T,2D] -> [B,T,D]
+        x = Block.forward(m, x, pos, cos, sin, mask)
+        h = m.shared_head.norm(x)
+        return (m.shared_head.head or self.lm_head)(h), h
+
+
+def check_divisible(cfg: ModelConfig, dist: Dist) -> None:
+    """World size must divide heads, routed experts and the tensor-parallel intermediate sizes."""
+    w = dist.world_size
+    n_layers = cfg.num_hidden_layers + (1 if cfg.num_nextn_predict_layers > 0 else 0)
+    needs = {
+        "num_attention_heads": cfg.num_attention_heads,
+        "n_routed_experts": cfg.n_routed_experts,
+        "intermediate_size": cfg.intermediate_size if any(not cfg.is_moe_layer(i) for i in range(n_layers)) else 0,
+        "moe_intermediate_size * n_shared_experts": cfg.moe_intermediate_size * cfg.n_shared_experts if cfg.n_routed_experts else 0,
+    }
+    bad = [f"{k} ({v})" for k, v in needs.items() if v % w]
+    if bad:
+        raise DsvError(f"world size {w} does not divide {', '.join(bad)}; choose a number of processes that divides them")
