@@ -6,3 +6,24 @@ import os
 
 # Triton kernels run on the CPU through the interpreter in tests.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tmp_path_factory) -> Path:
+    """A 3-shard BF16 tiny checkpoint (seed 0), MTP layer included. Treat it as read-only."""
+    from dsv3cli.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny_bf16"), seed=0, shards=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8(tmp_path_factory) -> Path:
+    """The FP8 variant of tiny_bf16 (same seed: its weights block-quantized), with at least one
+    weight_scale_inv in a different shard than its weight. Treat it as read-only."""
+    from dsv3cli.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny_fp8"), seed=0, fp8=True, shards=3)

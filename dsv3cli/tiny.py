@@ -1,0 +1,170 @@
+"""Random checkpoints in the hub's exact layout (config, tokenizer, index, shards, MTP layer, FP8).
+
+Boundary: makes files for tests and demos; no forward logic. Same seed -> identical bytes.
+The FP8 variant of a seed is the block quantization of the BF16 variant's weights, so
+`dsv3 quantize` of one can be compared with the other.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .checkpoint import (
+    INDEX_NAME, SINGLE_NAME, expected_shapes, is_fp8_weight, save_shard, scale_name, shard_file_name, write_index,
+    write_json,
+)
+from .config import ModelConfig, load_preset
+from .errors import DsvError
+
+MAX_BYTES = 2 * 1024**3  # refuse presets whose BF16 weights exceed this
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
+GENERATION_CONFIG = {"_from_model_config": True, "do_sample": True, "temperature": 0.6, "top_p": 0.95}
+
+
+def tiny_config(preset: str = "tiny", *, fp8: bool = False, config: ModelConfig | None = None) -> ModelConfig:
+    cfg = config if config is not None else load_preset(preset)
+    raw = {k: v for k, v in cfg.raw.items() if k != "quantization_config"}
+    return cfg.replace(quantization_config=dict(FP8_QUANTIZATION_CONFIG) if fp8 else None, raw=raw)
+
+
+def bf16_bytes(cfg: ModelConfig) -> int:
+    return sum(math.prod(s) * 2 for s in expected_shapes(cfg, fp8=False).values())
+
+
+def _quantizer():
+    try:
+        from .fp8 import quantize_weight
+    except ImportError:
+        return _quantize_block
+    return quantize_weight
+
+
+def _quantize_block(w):
+    """Fallback 128x128 block quantizer (amax/448 scales, ragged edges use only real elements)."""
+    import torch
+    import torch.nn.functional as F
+
+    o, i = w.shape
+    bo, bi = math.ceil(o / 128), math.ceil(i / 128)
+    x = F.pad(w.float(), (0, bi * 128 - i, 0, bo * 128 - o))  # [bo*128, bi*128], zero pad is amax-neutral
+    blocks = x.view(bo, 128, bi, 128)
+    s = (blocks.abs().amax(dim=(1, 3)).clamp(min=1e-4) / 448.0)  # [bo, bi]
+    q = (blocks / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.view(bo * 128, bi * 128)[:o, :i].contiguous(), s.float()
+
+
+def _init_tensor(name: str, shape: tuple[int, ...], g):
+    """One tensor of the random model. Linear weights: std 1/sqrt(fan_in) so every layer keeps
+    activations O(1) and logits are spread but not flat; norms near 1 (not exactly, so a mixed-up
+    norm shows); router bias small so it changes some routing decisions but not all."""
+    import torch
+
+    if name.endswith("e_score_correction_bias"):
+        return (torch.randn(shape, generator=g) * 0.05).float()
+    if len(shape) == 1:  # RMSNorm weights
+        return (1.0 + 0.1 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+    if name.endswith("embed_tokens.weight"):
+        return torch.randn(shape, generator=g).to(torch.bfloat16)
+    std = shape[1] ** -0.5
+    if name.endswith(("lm_head.weight", "shared_head.head.weight")):
+        std *= 2.0
+    return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
+
+
+def _split(names: list[str], sizes: dict[str, int], n: int, fp8: bool) -> list[list[str]]:
+    """Contiguous groups of about equal bytes. With FP8 the first cut goes between a weight and
+    its scale, so the scale lives in the next shard (loaders must go through the index)."""
+    if n > len(names):
+        raise DsvError(f"--shards {n}: more shards than tensors ({len(names)})")
+    total = sum(sizes.values())
+    cuts, acc = [], 0
+    for j, name in enumerate(names):
+        if len(cuts) < n - 1 and acc >= total * (len(cuts) + 1) / n and j > (cuts[-1] if cuts else 0):
+            cuts.append(j)
+        acc += sizes[name]
+    while len(cuts) < n - 1:  # tiny tensors at the end: cut the last ones off one by one
+        cuts.append(len(names) - (n - 1 - len(cuts)))
+        cuts = sorted(set(cuts))
+    if fp8 and n >= 2:
+        lo = 1
+        hi = cuts[1] if len(cuts) > 1 else len(names)
+        best = [j for j in range(lo, hi) if names[j] == scale_name(names[j - 1]) and is_fp8_weight(names[j - 1])]
+        if best:
+            cuts[0] = min(best, key=lambda j: abs(j - cuts[0]))
+    bounds = [0, *cuts, len(names)]
+    return [names[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int = 3, preset: str = "tiny",
+              config: ModelConfig | None = None, force: bool = False) -> Path:
+    """Write a random checkpoint of `preset` (or `config`) to `out` in the hub's layout:
+    config.json, generation_config.json, tokenizer.json, tokenizer_config.json, shards
+    model-0000i-of-0000n.safetensors (the MTP layer at index num_hidden_layers included) and
+    model.safetensors.index.json, written last. `shards=1` still writes an index (as the hub)."""
+    import torch
+
+    from .tokenizer import write_tokenizer_files
+
+    if shards < 1:
+        raise DsvError(f"--shards {shards}: must be at least 1")
+    cfg = tiny_config(preset, fp8=fp8, config=config)
+    size = bf16_bytes(cfg)
+    if size > MAX_BYTES:
+        raise DsvError(
+            f"preset {preset}: {size / 1e9:.1f} GB of weights; dsv3 tiny makes checkpoints up to "
+            f"{MAX_BYTES / 1e9:.1f} GB. Use a smaller preset such as tiny"
+        )
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DsvError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise DsvError(f"{out}: not empty; pass --force to overwrite the checkpoint files in it")
+        # Only our own file names, so a stale shard count cannot leave a foreign shard behind.
+        for p in out.glob("model*.safetensors*"):
+            if p.name in (INDEX_NAME, SINGLE_NAME) or p.name.startswith("model-"):
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = expected_shapes(cfg, fp8=False)
+    tensors: dict[str, torch.Tensor] = {}
+    quantize = _quantizer() if fp8 else None
+    for name, shape in shapes.items():
+        # The MTP layer's embedding and head are copies of the main model's (as on the hub).
+        if name.startswith("model.layers.") and name.endswith(".embed_tokens.weight"):
+            tensors[name] = tensors["model.embed_tokens.weight"].clone()
+            continue
+        if name.endswith("shared_head.head.weight") and "lm_head.weight" in tensors:
+            tensors[name] = tensors["lm_head.weight"].clone()
+            continue
+        t = _init_tensor(name, shape, g)
+        if quantize is not None and is_fp8_weight(name):
+            q, s = quantize(t)
+            tensors[name], tensors[scale_name(name)] = q, s.float().contiguous()
+        else:
+            tensors[name] = t
+
+    names = list(tensors)
+    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    groups = _split(names, sizes, shards, fp8)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, group in enumerate(groups, 1):
+        fname = shard_file_name(i, len(groups))
+        total += save_shard({k: tensors[k] for k in group}, out / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in group})
+
+    cfg_d = cfg.to_dict()
+    write_json(out / "config.json", dict(sorted(cfg_d.items())))
+    gen = dict(GENERATION_CONFIG, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    write_json(out / "generation_config.json", dict(sorted(gen.items())))
+    write_tokenizer_files(out, min(cfg.vocab_size, 4096), model_max_length=cfg.max_position_embeddings)
+    write_index(out, weight_map, total)
+    return out

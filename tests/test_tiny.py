@@ -1,0 +1,90 @@
+"""dsv3 tiny: hub layout, determinism, FP8 placement, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from dsv3cli.app import app
+from dsv3cli.checkpoint import Checkpoint, expected_shapes, is_fp8_weight, scale_name, validate
+
+runner = CliRunner()
+
+
+def test_layout_matches_expected_shapes(tiny_bf16, tiny_fp8):
+    for path, fp8 in ((tiny_bf16, False), (tiny_fp8, True)):
+        ck = Checkpoint(path)
+        exp = expected_shapes(ck.config)
+        assert ck.config.is_fp8 == fp8
+        assert set(ck.names()) == set(exp)
+        for n, shp in exp.items():
+            assert ck.shape(n) == shp, n
+            if fp8 and is_fp8_weight(n):
+                assert ck.dtype(n) == "F8_E4M3" and ck.dtype(scale_name(n)) == "F32"
+            elif n.endswith("e_score_correction_bias") or n.endswith("_scale_inv"):
+                assert ck.dtype(n) == "F32"
+            else:
+                assert ck.dtype(n) == "BF16", n
+        assert ck.shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+        assert ck.has_mtp
+        names = {p.name for p in path.iterdir()}
+        assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "model.safetensors.index.json"} <= names
+        assert not [n for n in names if n.startswith(".")], "temporary files left behind"
+        idx = json.loads((path / "model.safetensors.index.json").read_text())
+        assert idx["metadata"]["total_size"] == sum(ck.nbytes(n) for n in ck.names())
+
+
+def test_fp8_config_and_split_scale(tiny_fp8):
+    ck = Checkpoint(tiny_fp8)
+    q = json.loads((tiny_fp8 / "config.json").read_text())["quantization_config"]
+    assert q == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    split = [n for n in ck.names() if is_fp8_weight(n) and ck.shard_of(n) != ck.shard_of(scale_name(n))]
+    assert split, "no weight_scale_inv lives in a different shard than its weight"
+
+
+def test_fp8_is_the_quantized_bf16(tiny_bf16, tiny_fp8):
+    import torch
+
+    b, f = Checkpoint(tiny_bf16), Checkpoint(tiny_fp8)
+    n = "model.layers.3.mlp.experts.5.down_proj.weight"  # MTP layer, routed expert: [256, 160], ragged
+    w = b.get(n).float()
+    s = f.get(scale_name(n)).repeat_interleave(128, 0).repeat_interleave(128, 1)[: w.shape[0], : w.shape[1]]
+    deq = f.get(n).float() * s
+    # E4M3 has 3 mantissa bits: relative error at most 2**-4 of each value (plus tiny denormals).
+    assert torch.all((deq - w).abs() <= w.abs() * 2**-4 + s * 2**-9)
+    assert b.get("model.layers.3.embed_tokens.weight").equal(b.get("model.embed_tokens.weight"))
+    assert b.get("model.layers.3.shared_head.head.weight").equal(b.get("lm_head.weight"))
+
+
+def test_deterministic_bytes(tmp_path):
+    from dsv3cli.tiny import make_tiny
+
+    a = make_tiny(tmp_path / "a", seed=7, fp8=True, shards=2)
+    b = make_tiny(tmp_path / "b", seed=7, fp8=True, shards=2)
+    c = make_tiny(tmp_path / "c", seed=8, fp8=True, shards=2)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "model-00001-of-00002.safetensors").read_bytes() != (c / "model-00001-of-00002.safetensors").read_bytes()
+
+
+def test_cli_tiny_json_and_refusals(tmp_path):
+    r = runner.invoke(app, ["tiny", str(tmp_path / "t"), "--shards", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["shards"] == 1 and s["format"] == "bf16" and s["mtp"] is True
+    assert validate(tmp_path / "t").ok
+    r = runner.invoke(app, ["tiny", str(tmp_path / "t")])
+    assert r.exit_code == 1 and "--force" in r.output
+    r = runner.invoke(app, ["tiny", str(tmp_path / "t"), "--force", "--shards", "2", "--fp8"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "t").glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert validate(tmp_path / "t").ok
+    r = runner.invoke(app, ["tiny", str(tmp_path / "big"), "--preset", "deepseek-v3"])
+    assert r.exit_code == 1 and "GB" in r.output and not (tmp_path / "big").exists()
+    r = runner.invoke(app, ["tiny", str(tmp_path / "x"), "--preset", "nope"])
+    assert r.exit_code == 1 and "unknown preset" in r.output
