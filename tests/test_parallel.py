@@ -1,0 +1,89 @@
+"""Tensor + expert parallelism across real gloo processes must give the single-process numbers.
+
+Each test spawns `world` processes on 127.0.0.1 (torch.multiprocessing, a free port), loads the
+tiny hub-layout checkpoint with `load_model(..., Dist(rank, world))`, runs a ragged batch
+prefill, cached greedy decoding and the MTP module, and compares rank 0's results (every rank
+holds full logits) with a single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dsv3cli.config import load_preset
+from dsv3cli.errors import DsvError
+from dsv3cli.loading import load_model
+from dsv3cli.model import Transformer
+from dsv3cli.parallel import Dist, init_distributed
+
+PROMPTS = [[5, 77, 300, 12, 9, 41, 200, 3, 150, 99, 18], [400, 2, 31, 64, 128, 256]]
+NEW_TOKENS = 8
+
+
+def run_model(ckpt, dist: Dist) -> dict[str, torch.Tensor]:
+    """Prefill a right-padded batch, decode greedily with the cache, and run the MTP module."""
+    torch.manual_seed(0)
+    model = load_model(ckpt, dist, dtype=torch.float32, device="cpu", max_batch_size=2, max_seq_len=64)
+    lens = torch.tensor([len(p) for p in PROMPTS])
+    tokens = torch.zeros(len(PROMPTS), int(lens.max()), dtype=torch.long)
+    for b, p in enumerate(PROMPTS):
+        tokens[b, : len(p)] = torch.tensor(p)
+    start = torch.zeros(len(PROMPTS), dtype=torch.long)
+    logits, hidden = model(tokens, start)  # [B,T,V], [B,T,D]
+    mtp_logits, _ = model.mtp_forward(hidden[:, :-1], tokens[:, 1:], start)
+    nxt = logits[torch.arange(len(PROMPTS)), lens - 1].argmax(-1)  # [B]
+    generated = [nxt]
+    pos = lens.clone()
+    for _ in range(NEW_TOKENS - 1):
+        step, _ = model(nxt[:, None], pos)
+        nxt = step[:, 0].argmax(-1)
+        generated.append(nxt)
+        pos += 1
+    return {"logits": logits, "mtp_logits": mtp_logits, "tokens": torch.stack(generated, 1)}
+
+
+def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist = init_distributed("cpu", timeout_s=60)
+    try:
+        result = run_model(ckpt, dist)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_fp8):
+    return run_model(tiny_fp8, Dist())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parallel_matches_single_process(world, tiny_fp8, single, tmp_path):
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_worker, args=(world, _free_port(), str(tiny_fp8), out), nprocs=world, join=True)
+    got = torch.load(out)
+    for key in ("logits", "mtp_logits"):
+        err = (got[key] - single[key]).abs().max() / single[key].abs().max()
+        assert err < 1e-5, f"world {world}: {key} differ by {err:.2e}"
+    assert torch.equal(got["tokens"], single["tokens"])
+
+
+def test_world_size_must_divide_heads_and_experts():
+    cfg = load_preset("tiny")  # 4 heads, 16 experts
+    with pytest.raises(DsvError, match="num_attention_heads"):
+        Transformer(cfg, Dist(rank=0, world_size=3), max_seq_len=8)
+    with pytest.raises(DsvError, match="n_routed_experts"):
+        Transformer(cfg.replace(num_attention_heads=6, n_routed_experts=16), Dist(rank=0, world_size=3), max_seq_len=8)
