@@ -1,0 +1,309 @@
+"""The FP8 block format (E4M3, 128x128 weight blocks, 1x128 activation tiles): float64
+references, fast CPU paths, and whole-checkpoint conversion.
+
+Boundary: this module owns the numbers (scales, rounding, codes) and the conversion of a
+checkpoint folder; it reads and writes checkpoints only through `dsv3cli.checkpoint`.
+Triton versions of the same kernels live in `dsv3_kernels.fp8` (used on CUDA).
+
+The format, exactly (each fast path and kernel must equal the `*_ref` function bit for bit):
+- Weight blocks are 128x128 (activation tiles 1x128); a block at a ragged edge uses only its
+  real elements.
+- `amax = max|w|` over the block, floored at float32(1e-4) as the official kernel does, so an
+  all-zero block stores `s = float32(float32(1e-4) / 448)` (about 2.2e-7; ue8m0: 2**-22) and
+  codes 0. Blocks whose amax is below 1e-4 get that same scale.
+- `s = float32(amax / 448)`; with `scale_fmt="ue8m0"`: `s = 2**ceil(log2 s)` (a power of two).
+- `q = e4m3(round_nearest_even(float32(w / s)))`, saturated at +-448.
+- Dequantize: `w = dtype(float32(float32(q) * s))`: the product is the float32 product (as the
+  official code and the Triton kernel compute it), then rounded once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import torch
+
+FP8_MAX = 448.0
+BLOCK = 128
+AMAX_FLOOR = 1e-4  # the official kernel's floor: keeps an all-zero block from dividing by zero
+SCALE_FMTS = ("e4m3", "ue8m0")
+
+_FP8 = torch.float8_e4m3fn
+# Elements per work chunk: small enough that a chunk's float32 temporaries stay in L2.
+_CHUNK = 1 << 17
+_PARALLEL_MIN = 1 << 21  # below this many elements one thread is faster than a pool
+
+
+def _check_fmt(scale_fmt: str) -> None:
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------- float64 references
+
+
+def _round_ref(x: torch.Tensor, mant_bits: int, emin: int) -> torch.Tensor:
+    """Round float64 `x` to a binary format with `mant_bits` stored mantissa bits and minimum
+    normal exponent `emin` (subnormals below), nearest-even; no overflow handling."""
+    a = x.abs()
+    _, e = torch.frexp(a)  # a = m * 2**e with m in [0.5, 1): floor(log2 a) = e - 1
+    e = (e.to(torch.int64) - 1).clamp(min=emin)
+    quantum = torch.ldexp(torch.ones_like(a), (e - mant_bits).to(torch.float64))
+    return torch.copysign(torch.round(a / quantum) * quantum, x)  # round(): ties to even
+
+
+_FORMATS = {  # dtype -> (stored mantissa bits, minimum normal exponent)
+    torch.float32: (23, -126),
+    torch.bfloat16: (7, -126),
+    torch.float16: (10, -14),
+    _FP8: (3, -6),
+}
+
+
+def _scales_ref(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
+    """float64 block amax -> float32 scales. float64 division of float32 operands, then one
+    rounding to float32, equals float32 division (53 >= 2*24 + 2: double rounding is harmless)."""
+    amax = amax.clamp(min=float(torch.tensor(AMAX_FLOOR, dtype=torch.float32)))
+    s = (amax / FP8_MAX).to(torch.float32).to(torch.float64)
+    if scale_fmt == "ue8m0":
+        m, e = torch.frexp(s)  # s = m * 2**e; ceil(log2 s) = e - 1 exactly when m == 0.5
+        s = torch.ldexp(torch.ones_like(s), (e - (m == 0.5).to(e.dtype)).to(torch.float64))
+    return s.to(torch.float32)
+
+
+def _quantize_ref(w: torch.Tensor, br: int, bc: int, scale_fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_fmt(scale_fmt)
+    o, i = w.shape
+    x = w.to(torch.float64)
+    nr, nc = _cdiv(o, br), _cdiv(i, bc)
+    pad = torch.zeros(nr * br, nc * bc, dtype=torch.float64)  # zeros never change an amax
+    pad[:o, :i] = x.abs()
+    amax = pad.view(nr, br, nc, bc).amax(dim=(1, 3))  # [nr, nc]
+    s = _scales_ref(amax, scale_fmt)
+    s_full = s.to(torch.float64).repeat_interleave(br, 0).repeat_interleave(bc, 1)[:o, :i]
+    y = (x / s_full).to(torch.float32).to(torch.float64)  # float32(w / s), one rounding
+    q = _round_ref(y, 3, -6).clamp(-FP8_MAX, FP8_MAX)
+    return q.to(_FP8), s  # exact: q is representable
+
+
+def quantize_weight_ref(w: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference of `quantize_weight`: w [o, i] -> (q float8_e4m3fn [o, i], s float32 [ceil(o/128), ceil(i/128)])."""
+    return _quantize_ref(w, BLOCK, BLOCK, scale_fmt)
+
+
+def act_quant_ref(x: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference of `act_quant`: x [..., k] -> (q [..., k], s float32 [..., ceil(k/128)])."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    q, s = _quantize_ref(x.reshape(-1, k), 1, BLOCK, scale_fmt)
+    return q.view(*lead, k), s.view(*lead, s.shape[-1])
+
+
+def dequantize_weight_ref(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """float64 reference of `dequantize_weight`: exact product, rounded to float32, then to `dtype`."""
+    o, i = q.shape
+    # float8 -> float64 through a table of the 256 codes, so the reference does not use the
+    # conversion it checks.
+    table = _code_values_ref()
+    qv = table[q.view(torch.uint8).long()]
+    s_full = s.to(torch.float64).repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:o, :i]
+    p = _round_ref(qv * s_full, 23, -126)  # exact product (4 x 24 bits), rounded to float32
+    if dtype != torch.float32:
+        mant, emin = _FORMATS[dtype]
+        p = _round_ref(p, mant, emin)
+    return p.to(dtype)  # exact: p is representable
+
+
+def _code_values_ref() -> torch.Tensor:
+    """The value of each of the 256 E4M3FN codes, from the bit layout (1 sign, 4 exponent bits
+    with bias 7, 3 mantissa bits; S.1111.111 is NaN; no infinities)."""
+    vals = []
+    for c in range(256):
+        sign = -1.0 if c & 0x80 else 1.0
+        e, m = (c >> 3) & 0xF, c & 0x7
+        if e == 0xF and m == 0x7:
+            vals.append(math.nan)
+        elif e == 0:
+            vals.append(sign * m * 2.0**-9)
+        else:
+            vals.append(sign * (1 + m / 8) * 2.0 ** (e - 7))
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- fast CPU paths
+
+
+def _block_scales(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
+    """float32 amax per block -> float32 scales (float32 arithmetic, as the formula says)."""
+    s = amax.clamp(min=AMAX_FLOOR) / FP8_MAX
+    if scale_fmt == "ue8m0":
+        m, e = torch.frexp(s)
+        s = torch.ldexp(torch.ones_like(s), e - (m == 0.5).to(e.dtype)).to(torch.float32)
+    return s
+
+
+def _run_parallel(n: int, work: Callable[[Sequence[int]], None], workers: int) -> None:
+    """Run `work(indices)` over range(n) split round-robin across `workers` threads.
+    torch releases the GIL inside its ops, so threads give real parallelism; each thread
+    keeps torch single-threaded so the two levels of parallelism do not fight."""
+    workers = max(1, min(workers, n))
+    if workers == 1:
+        work(range(n))
+        return
+    prev = torch.get_num_threads()
+
+    def one(k: int) -> None:
+        torch.set_num_threads(1)
+        work(range(k, n, workers))
+
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for f in [pool.submit(one, k) for k in range(workers)]:
+                f.result()
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _quantize_fast(w: torch.Tensor, br: int, scale_fmt: str, workers: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [o, i] (any float dtype) -> (q [o, i], s [ceil(o/br), ceil(i/128)]); br = 128 or 1."""
+    _check_fmt(scale_fmt)
+    o, i = w.shape
+    nr, nc = _cdiv(o, br), _cdiv(i, BLOCK)
+    ip = nc * BLOCK
+    q = torch.empty(o, i, dtype=_FP8)
+    s = torch.empty(nr, nc, dtype=torch.float32)
+    rows_per_job = br if br > 1 else max(1, _CHUNK // max(ip, 1))
+    njobs = _cdiv(o, rows_per_job)
+    workers = default_workers() if workers is None else workers
+    if o * i < _PARALLEL_MIN:
+        workers = 1
+
+    def work(jobs: Sequence[int]) -> None:
+        buf = torch.zeros(rows_per_job, ip, dtype=torch.float32)  # zero padding stays zero
+        for j in jobs:
+            r0 = j * rows_per_job
+            r1 = min(o, r0 + rows_per_job)
+            x = buf[: r1 - r0]
+            x[:, :i].copy_(w[r0:r1])  # exact widening to float32
+            if br > 1:  # one 128-row block: one scale per 128 columns
+                amax = x.view(r1 - r0, nc, BLOCK).abs().amax(dim=(0, 2))  # [nc]
+                sj = _block_scales(amax, scale_fmt)
+                s[j] = sj
+                sx = sj.view(1, nc, 1)
+            else:  # 1x128 tiles: one scale per row per 128 columns
+                amax = x.view(r1 - r0, nc, BLOCK).abs().amax(dim=2)  # [rows, nc]
+                sj = _block_scales(amax, scale_fmt)
+                s[r0:r1] = sj
+                sx = sj.view(r1 - r0, nc, 1)
+            step = max(1, _CHUNK // ip)
+            for c0 in range(0, r1 - r0, step):
+                c1 = min(r1 - r0, c0 + step)
+                xc = x[c0:c1].view(c1 - c0, nc, BLOCK)
+                xc.div_(sx if br > 1 else sx[c0:c1])  # float32(w / s), one rounding
+                xc.clamp_(-FP8_MAX, FP8_MAX)
+                q[r0 + c0 : r0 + c1].copy_(x[c0:c1, :i])  # float32 -> e4m3, nearest-even
+            if i < ip:
+                buf[:, i:].zero_()
+
+    _run_parallel(njobs, work, workers)
+    return q, s
+
+
+def quantize_weight(w: torch.Tensor, scale_fmt: str = "e4m3", *, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [o, i] -> (q float8_e4m3fn [o, i], s float32 [ceil(o/128), ceil(i/128)]) on the CPU,
+    bit-identical to `quantize_weight_ref`. Non-finite weights give non-finite scales."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight expects a 2-D weight, got shape {tuple(w.shape)}")
+    return _quantize_fast(w.contiguous(), BLOCK, scale_fmt, workers)
+
+
+def act_quant(x: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., k] -> (q float8_e4m3fn [..., k], s float32 [..., ceil(k/128)]): per token per 128 channels."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    q, s = _quantize_fast(x.reshape(-1, k).contiguous(), 1, scale_fmt, None)
+    return q.view(*lead, k), s.view(*lead, s.shape[-1])
+
+
+def _dequant_slow(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+    o, i = q.shape
+    s_full = s.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:o, :i]
+    out.copy_(q.to(torch.float32) * s_full)
+    return out
+
+
+# float32 bits of (fp8 value * 2**-120) are the fp8 bits moved into place: sign to bit 31,
+# exponent and mantissa to bits 26..20. E4M3 subnormals become float32 subnormals, so one
+# multiply by (s * 2**120) both restores the exponent bias and applies the scale, exactly
+# as float32(q) * s would round it.
+_BIAS = 2.0**120
+_BITS_MASK = 0x87F00000 - (1 << 32)  # as int32
+
+
+def dequantize_weight(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+    *,
+    workers: int | None = None,
+) -> torch.Tensor:
+    """q float8_e4m3fn [o, i], s float32 [ceil(o/128), ceil(i/128)] -> w `dtype` [o, i],
+    bit-identical to `dequantize_weight_ref`; writes into `out` when given."""
+    if q.dim() != 2:
+        raise ValueError(f"dequantize_weight expects a 2-D weight, got shape {tuple(q.shape)}")
+    o, i = q.shape
+    nr, nc = _cdiv(o, BLOCK), _cdiv(i, BLOCK)
+    if tuple(s.shape) != (nr, nc):
+        raise ValueError(f"scale shape {tuple(s.shape)} does not match weight {tuple(q.shape)}: expected {(nr, nc)}")
+    if out is None:
+        out = torch.empty(o, i, dtype=dtype)
+    q = q.contiguous()
+    s = s.to(torch.float32).contiguous()
+    qb = q.view(torch.uint8)
+    # Codes 0x7f / 0xff are NaN; the bit path would read them as 480: let torch handle those.
+    if o * i == 0:
+        return out
+    if bool(qb.max() == 255) or bool(qb.view(torch.int8).max() == 127) or bool(s.abs().max() >= 2.0**7):
+        return _dequant_slow(q, s, dtype, out)
+    sx_all = s * _BIAS  # exact: a power-of-two multiply without overflow (s < 2**7)
+    rows = max(1, min(BLOCK, _CHUNK // max(i, 1)))
+    njobs = nr * _cdiv(BLOCK, rows)
+    per_block = _cdiv(BLOCK, rows)
+    workers = default_workers() if workers is None else workers
+    if o * i < _PARALLEL_MIN:
+        workers = 1
+
+    def work(jobs: Sequence[int]) -> None:
+        t = torch.empty(rows, i, dtype=torch.int32)
+        last_b = -1
+        for j in jobs:
+            b, k = divmod(j, per_block)
+            r0 = b * BLOCK + k * rows
+            r1 = min(o, r0 + rows, (b + 1) * BLOCK)
+            if r0 >= r1:
+                continue
+            if b != last_b:
+                sx = sx_all[b].repeat_interleave(BLOCK)[:i]  # [i]: this block row's column scales
+                last_b = b
+            tc = t[: r1 - r0]
+            tc.copy_(qb[r0:r1].view(torch.int8))  # sign-extend each code to 32 bits
+            tc.bitwise_left_shift_(20).bitwise_and_(_BITS_MASK)
+            f = tc.view(torch.float32)  # fp8 value * 2**-120
+            if dtype == torch.float32:
+                torch.mul(f, sx, out=out[r0:r1])
+            else:
+                f.mul_(sx)  # float32(q * s): the one float32 rounding
+                out[r0:r1].copy_(f)  # rounded once to the output dtype
+
+    _run_parallel(njobs, work, workers)
+    return out
