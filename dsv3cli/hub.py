@@ -29,6 +29,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -154,8 +155,9 @@ class Snapshot:
         return next((f for f in self.files if f.path == path), None)
 
 
-def _hub_error(e: BaseException, repo_id: str, revision: str, endpoint: str, local_dir: Path | None = None) -> DsvError:
-    """One line for each way the hub (or the network) can refuse."""
+def _hub_error(e: BaseException, repo_id: str, revision: str, endpoint: str,
+               local_dir: Path | None = None) -> DsvError | None:
+    """One line for each way the hub (or the network) can refuse; None for anything else."""
     import httpx2
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
                                         RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
@@ -183,7 +185,23 @@ def _hub_error(e: BaseException, repo_id: str, revision: str, endpoint: str, loc
     if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)) or "Consistency check failed" in str(e):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return DsvError(f"cannot reach the hub at {endpoint} ({reason}); check the network or HF_ENDPOINT{stays}")
-    raise e
+    return None
+
+
+@contextmanager
+def _translated(repo_id: str, revision: str, endpoint: str, local_dir: Path | None = None):
+    """Turn huggingface_hub's and the network's exceptions into one-line DsvErrors."""
+    try:
+        yield
+    except (DsvError, _Stopped):
+        raise
+    except Exception as e:  # noqa: BLE001 - known ones become one line; the rest propagate unchanged
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # disk full: the caller knows which file and folder
+        err = _hub_error(e, repo_id, revision, endpoint, local_dir)
+        if err is None:
+            raise
+        raise err from None
 
 
 def open_snapshot(repo: str | None, revision: str | None = None, token: str | None = None,
@@ -193,10 +211,8 @@ def open_snapshot(repo: str | None, revision: str | None = None, token: str | No
 
     repo_id, endpoint = resolve_repo(repo), hub_endpoint()
     rev = revision or "main"
-    try:
+    with _translated(repo_id, rev, endpoint, local_dir):
         info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
-    except Exception as e:  # noqa: BLE001 - translated to one line, or re-raised when unknown
-        raise _hub_error(e, repo_id, rev, endpoint, local_dir) from None
     files = []
     for s in info.siblings or []:
         if s.lfs is not None:
@@ -416,32 +432,22 @@ def _transfer(snap: Snapshot, f: RemoteFile, fh, *, resume: int, local_dir: Path
     from huggingface_hub.utils import build_hf_headers
 
     url = hf_hub_url(snap.repo_id, f.path, revision=snap.commit, endpoint=snap.endpoint)
-    try:
+    with _translated(snap.repo_id, snap.revision, snap.endpoint, local_dir):
         meta = get_hf_file_metadata(url, token=snap.token, endpoint=snap.endpoint)
         headers = build_hf_headers(token=snap.token)
         if urlsplit(meta.location).netloc != urlsplit(url).netloc:
             headers.pop("authorization", None)  # a signed CDN url: the token must not leave the hub
         http_get(meta.location, _Sink(fh, stop or threading.Event()), resume_size=resume, headers=headers,
                  expected_size=f.size, displayed_filename=f.path, tqdm_class=_bar_class(on_bytes))
-    except (_Stopped, DsvError):
-        raise
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise _hub_error(e, snap.repo_id, snap.revision, snap.endpoint, local_dir) from None
-    except Exception as e:  # noqa: BLE001 - network errors of huggingface_hub's HTTP client
-        raise _hub_error(e, snap.repo_id, snap.revision, snap.endpoint, local_dir) from None
 
 
 def _check_access(snap: Snapshot, f: RemoteFile) -> None:
     """One HEAD before anything is written: a gated repo refuses here, not after mkdir."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-    try:
+    with _translated(snap.repo_id, snap.revision, snap.endpoint):
         get_hf_file_metadata(hf_hub_url(snap.repo_id, f.path, revision=snap.commit, endpoint=snap.endpoint),
                              token=snap.token, endpoint=snap.endpoint)
-    except Exception as e:  # noqa: BLE001 - translated to one line, or re-raised when unknown
-        raise _hub_error(e, snap.repo_id, snap.revision, snap.endpoint) from None
 
 
 def _fetch_file(snap: Snapshot, f: RemoteFile, local_dir: Path, on_bytes, stop: threading.Event) -> None:

@@ -66,7 +66,7 @@ def command(
     _render_result(result, as_json)
     if not result.ok:
         failing = (result.verify.problems if result.verify else []) + (result.format_problems or [])
-        raise DsvError(f"{plan.local_dir}: {len(failing)} problem(s) remain after refetching: " + "; ".join(failing))
+        raise DsvError(f"{plan.local_dir}: {len(failing)} problem(s) after verification: " + "; ".join(failing))
 
 
 def _render_plan(plan: hub.Plan, as_json: bool) -> None:
