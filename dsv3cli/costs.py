@@ -106,6 +106,7 @@ class Tensor(NamedTuple):
     count: int  # how many such tensors (experts)
     active: int  # how many of them one token multiplies by
     fp8: bool  # stored as FP8 with block scales in an FP8 checkpoint
+    f32: bool = False  # kept in float32 (the routing bias)
 
     @property
     def params(self) -> int:
@@ -137,7 +138,7 @@ def _layer_tensors(cfg: ModelConfig, i: int) -> list[Tensor]:
               Tensor("routed_experts", d, m, e, k, True),  # down_proj
               Tensor("router", e, d, 1, 1, False)]
         if cfg.topk_method == "noaux_tc":
-            t.append(Tensor("router", e, 1, 1, 1, False))  # e_score_correction_bias
+            t.append(Tensor("router", e, 1, 1, 1, False, True))  # e_score_correction_bias, float32
         if cfg.n_shared_experts:
             s = cfg.n_shared_experts * m  # the shared experts are one MLP this wide
             t += [Tensor("shared_experts", s, d, 2, 2, True), Tensor("shared_experts", d, s, 1, 1, True)]
@@ -216,11 +217,12 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
 # ---- bytes -----------------------------------------------------------------------------------
 def tensor_bytes(t: Tensor, precision: str) -> dict[str, int]:
-    """Bytes of one Tensor row: FP8 weights + float32 block scales, or BF16."""
+    """Bytes of one Tensor row: FP8 weights + float32 block scales, or BF16 ('bf16' counts the few
+    float32 tensors too)."""
     if precision == "fp8" and t.fp8:
         scales = math.ceil(t.out / BLOCK) * math.ceil(t.inp / BLOCK) * 4 * t.count
         return {"fp8": t.params, "scales": scales, "bf16": 0}
-    return {"fp8": 0, "scales": 0, "bf16": 2 * t.params}
+    return {"fp8": 0, "scales": 0, "bf16": (4 if t.f32 else 2) * t.params}
 
 
 def weight_bytes(cfg: ModelConfig, precision: str, *, mtp: bool = False, copies: bool = False) -> dict[str, int]:
