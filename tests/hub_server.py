@@ -11,7 +11,8 @@ repo, with the same headers the real hub sends, and lets a test inject faults:
 - `HEAD|GET /{repo}/resolve/{rev}/{path}`: small files are served directly (ETag = git blob sha1,
   X-Repo-Commit, Content-Length); LFS files (*.safetensors) answer 302 with X-Linked-Etag (sha256),
   X-Linked-Size and a Location on a second server (another port, so another origin, like the
-  hub's CDN: huggingface_hub does not follow it on HEAD and sends no token there)
+  hub's CDN: huggingface_hub does not follow it on HEAD and sends no token there; a request that
+  carries an Authorization header gets 400, as from S3)
 - `GET /blobs/{sha256}` on the "CDN" server, with `Range: bytes=a-[b]` -> 206 + Content-Range.
 
 Errors carry `X-Error-Code` like the hub's (RepoNotFound, RevisionNotFound, EntryNotFound,
@@ -238,6 +239,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         parts = [unquote(p) for p in url.path.split("/")[1:]]
         query = parse_qs(url.query)
         if self.cdn:
+            if self.headers.get("Authorization"):
+                # Like S3 behind the hub's signed urls: a client must not forward its hub token here.
+                return self._error(400, None, "Only one auth mechanism allowed")
             if len(parts) == 2 and parts[0] == "blobs":
                 return self._serve_blob(parts[1])
             return self._error(404, None, "not found")

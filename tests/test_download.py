@@ -9,6 +9,7 @@ honoured from a fresh interpreter.
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import os
 import socket
@@ -91,13 +92,19 @@ def test_aliases_and_repo_ids():
 
 def test_fake_hub_speaks_the_hub_api(env, tiny_fp8, tmp_path):
     """The fixture itself: huggingface_hub's own snapshot_download gets a byte-identical copy."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     snapshot_download(REPO, local_dir=tmp_path / "s", endpoint=env.url)
     assert_identical(tiny_fp8, tmp_path / "s")
-    tree = [f.path for f in HfApi(endpoint=env.url).list_repo_tree(REPO, recursive=True)]
+    api = HfApi(endpoint=env.url)
+    tree = [f.path for f in api.list_repo_tree(REPO, recursive=True)]
     assert sorted(tree) == files_of(tiny_fp8)
     assert len(env.requests("GET", "/tree/")) >= 3  # paginated
+    info = {f.path: f for f in api.get_paths_info(REPO, ["config.json", SHARDS[0]])}
+    assert info[SHARDS[0]].lfs.sha256 == hashlib.sha256((tiny_fp8 / SHARDS[0]).read_bytes()).hexdigest()
+    assert info["config.json"].lfs is None and info["config.json"].size == (tiny_fp8 / "config.json").stat().st_size
+    path = hf_hub_download(GATED, SHARDS[1], token=TOKEN, cache_dir=tmp_path / "cache", endpoint=env.url)
+    assert filecmp.cmp(path, tiny_fp8 / SHARDS[1], shallow=False)
 
 
 def test_full_download_is_byte_identical_then_rerun_skips(env, tiny_fp8, tmp_path):
@@ -243,9 +250,9 @@ def test_errors_are_one_clear_line(env, tmp_path):
     one_line_error(dsv3("download", GATED, "--local-dir", out), "gated", "HF_TOKEN", "--token")
     one_line_error(dsv3("download", GATED, "--local-dir", out, "--token", "hf_wrong"), "HF_TOKEN")
     assert not out.exists()
-    r = dsv3("download", GATED, "--local-dir", out, "--token", TOKEN, "--only", "config")
+    r = dsv3("download", GATED, "--local-dir", out, "--token", TOKEN, "--only", "mtp")
     assert r.exit_code == 0, r.stderr
-    assert (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and (out / SHARDS[2]).is_file()
 
 
 def test_unreachable_hub(env, tmp_path, monkeypatch):

@@ -55,6 +55,10 @@ def command(
     verify: Annotated[bool, typer.Option("--verify", help="After downloading, check every file's sha256 against the hub and the checkpoint's format; refetch what fails.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
+    from huggingface_hub.utils import logging as hf_logging
+
+    # Its retry warnings would tear the progress bar; our own one-line errors say what failed.
+    hf_logging.set_verbosity_error()
     repo_id = hub.resolve_repo(repo)
     target = local_dir if local_dir is not None else Path(repo_id.split("/")[1])
     plan = hub.plan_download(repo_id, target, revision=revision, token=token, include=include or [],
