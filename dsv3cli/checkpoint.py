@@ -411,6 +411,7 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
     shard_names = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
     infos: dict[str, TensorInfo] = {}
     where: dict[str, str] = {}
+    orphans: set[str] = set()  # in a shard but not (there) in the index: reported once, below
     good_shards: list[str] = []
     for shard in shard_names:
         p = folder / shard
@@ -430,6 +431,7 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
                     P(f"{shard}: {name} is here but the index says {weight_map[name]}")
                 else:
                     P(f"{shard}: {name} is not in {INDEX_NAME}; the index is stale or the shard is foreign")
+                orphans.add(name)
                 continue
             infos[name] = t
             where[name] = shard
@@ -482,7 +484,7 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
     if cfg is not None:
         exp = expected_shapes(cfg, fp8=False)
         mtp_names = set(expected_shapes(cfg, fp8=False)) - set(expected_shapes(cfg, fp8=False, mtp=False))
-        present = set(infos) | (set(weight_map) if weight_map is not None else set())
+        present = set(infos) | orphans | (set(weight_map) if weight_map is not None else set())
         has_mtp = bool(mtp_names & present)
         for n, shp in exp.items():
             if n in mtp_names and not has_mtp:
@@ -491,10 +493,10 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
                 P(f"{n}: missing (config.json expects {list(shp)}); the checkpoint is incomplete or for another config")
             elif n in infos and infos[n].shape != shp:
                 P(f"{where[n]}: {n} has shape {list(infos[n].shape)} but config.json implies {list(shp)}")
-        for n in sorted(present - set(exp)):
+        for n in sorted(set(infos) - set(exp)):
             if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in exp:
                 continue
-            P(f"{where.get(n, weight_map.get(n) if weight_map else SINGLE_NAME)}: {n} is not a tensor of this config")
+            P(f"{where[n]}: {n} is not a tensor of this config (config.json)")
         for n, t in infos.items():
             if t.dtype not in FLOAT_DTYPES:
                 P(f"{where[n]}: {n} has dtype {t.dtype}; expected a floating-point tensor")
@@ -536,15 +538,35 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
         "dtypes": dict(sorted(dtypes.items())),
         "fp8_weights": len(fp8_weights),
         "mtp": has_mtp,
+        "mtp_in_config": bool(cfg and cfg.has_mtp),
         "model_type": cfg.model_type if cfg else None,
         "values_checked": bool(check_values and not rep.problems),
     }
     return rep
 
 
+# dtype -> (integer view, exponent mask, what the masked bits equal for NaN/Inf). Checking bit
+# patterns in numpy avoids widening to float and torch's thread spin-up per small tensor.
+_NONFINITE_BITS = {
+    "F32": ("int32", 0x7F800000, 0x7F800000),
+    "BF16": ("int16", 0x7F80, 0x7F80),
+    "F16": ("int16", 0x7C00, 0x7C00),
+    "F64": ("int64", 0x7FF0000000000000, 0x7FF0000000000000),
+    "F8_E4M3": ("int8", 0x7F, 0x7F),  # e4m3fn has no Inf; NaN is S.1111.111
+    "F8_E5M2": ("int8", 0x7C, 0x7C),
+}
+
+
+def _count_nonfinite(t, dtype: str) -> int:
+    import torch
+
+    view, mask, hit = _NONFINITE_BITS[dtype]
+    a = t.reshape(-1).view(getattr(torch, view)).numpy()
+    return int(((a & mask) == hit).sum())
+
+
 def _check_values(folder: Path, infos: dict[str, TensorInfo], where: dict[str, str], cfg: ModelConfig | None,
                   rep: ValidationReport, progress: Any) -> None:
-    import torch
     from safetensors import safe_open
 
     ue8m0 = cfg is not None and cfg.scale_fmt == "ue8m0"
@@ -556,24 +578,22 @@ def _check_values(folder: Path, infos: dict[str, TensorInfo], where: dict[str, s
     for shard, names in by_shard.items():
         with safe_open(str(folder / shard), framework="pt") as f:
             for n in names:
-                t = f.get_tensor(n)
-                if t.is_floating_point():
-                    # Chunked over rows so a large tensor is not widened to float32 all at once.
-                    bad = 0
-                    flat = t.reshape(-1)
-                    step = 1 << 24
-                    for a in range(0, flat.numel(), step):
-                        bad += int((~torch.isfinite(flat[a:a + step].float())).sum())
+                dtype = infos[n].dtype
+                if dtype in _NONFINITE_BITS:
+                    t = f.get_tensor(n)
+                    bad = _count_nonfinite(t, dtype)
                     if bad:
                         rep.problems.append(f"{shard}: {n} has {bad} NaN/Inf values")
-                    if ue8m0 and n.endswith(SCALE_SUFFIX) and not bad:
-                        m, _ = torch.frexp(t.float())
-                        if bool((m.abs() != 0.5).any()):
-                            rep.problems.append(f"{shard}: {n} is not all powers of two but scale_fmt is ue8m0")
+                    elif ue8m0 and n.endswith(SCALE_SUFFIX) and dtype == "F32":
+                        import torch
+
+                        a = t.reshape(-1).view(torch.int32).numpy()
+                        if bool(((a & 0x807FFFFF) != 0).any()):  # sign or mantissa bits set
+                            rep.problems.append(f"{shard}: {n} has values that are not positive powers of two but scale_fmt is ue8m0")
+                    del t
                 done += infos[n].nbytes
                 if progress is not None:
                     progress(done, total)
-                del t
 
 
 # ---- writing ----------------------------------------------------------------------------------

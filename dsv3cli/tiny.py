@@ -37,44 +37,34 @@ def bf16_bytes(cfg: ModelConfig) -> int:
     return sum(math.prod(s) * 2 for s in expected_shapes(cfg, fp8=False).values())
 
 
-def _quantizer():
-    try:
-        from .fp8 import quantize_weight
-    except ImportError:
-        return _quantize_block
-    return quantize_weight
-
-
-def _quantize_block(w):
-    """Fallback 128x128 block quantizer (amax/448 scales, ragged edges use only real elements)."""
+def _bf16(x):
+    """float32 numpy array -> torch bfloat16 (round to nearest even on the bits, zero-copy).
+    numpy keeps generation single-threaded and its PCG64 stream stable across torch versions."""
+    import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    o, i = w.shape
-    bo, bi = math.ceil(o / 128), math.ceil(i / 128)
-    x = F.pad(w.float(), (0, bi * 128 - i, 0, bo * 128 - o))  # [bo*128, bi*128], zero pad is amax-neutral
-    blocks = x.view(bo, 128, bi, 128)
-    s = (blocks.abs().amax(dim=(1, 3)).clamp(min=1e-4) / 448.0)  # [bo, bi]
-    q = (blocks / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return q.view(bo * 128, bi * 128)[:o, :i].contiguous(), s.float()
+    b = x.astype(np.float32, copy=False).view(np.uint32)
+    r = ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return torch.from_numpy(r.view(np.int16)).view(torch.bfloat16)
 
 
-def _init_tensor(name: str, shape: tuple[int, ...], g):
+def _init_tensor(name: str, shape: tuple[int, ...], rng):
     """One tensor of the random model. Linear weights: std 1/sqrt(fan_in) so every layer keeps
     activations O(1) and logits are spread but not flat; norms near 1 (not exactly, so a mixed-up
     norm shows); router bias small so it changes some routing decisions but not all."""
     import torch
 
+    x = rng.standard_normal(shape, dtype="float32")
     if name.endswith("e_score_correction_bias"):
-        return (torch.randn(shape, generator=g) * 0.05).float()
+        return torch.from_numpy(x * 0.05)
     if len(shape) == 1:  # RMSNorm weights
-        return (1.0 + 0.1 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        return _bf16(1.0 + 0.1 * x)
     if name.endswith("embed_tokens.weight"):
-        return torch.randn(shape, generator=g).to(torch.bfloat16)
+        return _bf16(x)
     std = shape[1] ** -0.5
     if name.endswith(("lm_head.weight", "shared_head.head.weight")):
         std *= 2.0
-    return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
+    return _bf16(x * std)
 
 
 def _split(names: list[str], sizes: dict[str, int], n: int, fp8: bool) -> list[list[str]]:
@@ -107,8 +97,10 @@ def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int 
     config.json, generation_config.json, tokenizer.json, tokenizer_config.json, shards
     model-0000i-of-0000n.safetensors (the MTP layer at index num_hidden_layers included) and
     model.safetensors.index.json, written last. `shards=1` still writes an index (as the hub)."""
+    import numpy as np
     import torch
 
+    from .fp8 import quantize_weight
     from .tokenizer import write_tokenizer_files
 
     if shards < 1:
@@ -132,10 +124,9 @@ def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int 
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
-    g = torch.Generator().manual_seed(seed)
+    rng = np.random.Generator(np.random.PCG64(seed))
     shapes = expected_shapes(cfg, fp8=False)
     tensors: dict[str, torch.Tensor] = {}
-    quantize = _quantizer() if fp8 else None
     for name, shape in shapes.items():
         # The MTP layer's embedding and head are copies of the main model's (as on the hub).
         if name.startswith("model.layers.") and name.endswith(".embed_tokens.weight"):
@@ -144,9 +135,9 @@ def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int 
         if name.endswith("shared_head.head.weight") and "lm_head.weight" in tensors:
             tensors[name] = tensors["lm_head.weight"].clone()
             continue
-        t = _init_tensor(name, shape, g)
-        if quantize is not None and is_fp8_weight(name):
-            q, s = quantize(t)
+        t = _init_tensor(name, shape, rng)
+        if fp8 and is_fp8_weight(name):
+            q, s = quantize_weight(t)
             tensors[name], tensors[scale_name(name)] = q, s.float().contiguous()
         else:
             tensors[name] = t

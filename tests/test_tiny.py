@@ -58,17 +58,17 @@ def test_fp8_is_the_quantized_bf16(tiny_bf16, tiny_fp8):
     assert b.get("model.layers.3.shared_head.head.weight").equal(b.get("lm_head.weight"))
 
 
-def test_deterministic_bytes(tmp_path):
+def test_deterministic_bytes(tmp_path, tiny_fp8):
     from dsv3cli.tiny import make_tiny
 
-    a = make_tiny(tmp_path / "a", seed=7, fp8=True, shards=2)
-    b = make_tiny(tmp_path / "b", seed=7, fp8=True, shards=2)
-    c = make_tiny(tmp_path / "c", seed=8, fp8=True, shards=2)
+    a = make_tiny(tmp_path / "a", seed=0, fp8=True, shards=3)
+    b = make_tiny(tmp_path / "b", seed=7, fp8=True, shards=3)
     files = sorted(p.name for p in a.iterdir())
-    assert files == sorted(p.name for p in b.iterdir())
+    assert files == sorted(p.name for p in tiny_fp8.iterdir())
     for name in files:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert (a / "model-00001-of-00002.safetensors").read_bytes() != (c / "model-00001-of-00002.safetensors").read_bytes()
+        assert (a / name).read_bytes() == (tiny_fp8 / name).read_bytes(), name
+    for name in ("model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"):
+        assert (a / name).read_bytes() != (b / name).read_bytes()
 
 
 def test_cli_tiny_json_and_refusals(tmp_path):

@@ -14,6 +14,8 @@ Examples:
   dsv3 verify ./tiny --check-values
 
   dsv3 verify ./tiny --json
+
+  dsv3 verify ./DeepSeek-V3 --hub v3   (also sha256 of every file against the hub's)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import JsonOpt
+from ..options import JsonOpt, RevisionOpt, TokenOpt
 
 NAME = "verify"
 NO_ARGS_IS_HELP = True
@@ -35,6 +37,9 @@ def command(
     path: Annotated[Path, typer.Argument(help="Checkpoint folder (config.json + index + shards, or model.safetensors).")],
     check_values: Annotated[bool, typer.Option("--check-values", help="Also read every tensor and look for NaN/Inf (slow on big checkpoints).")] = False,
     json_: JsonOpt = False,
+    hub_repo: Annotated[str | None, typer.Option("--hub", help="Also check sizes and sha256 of every file against this hub repo (id or alias, e.g. v3).")] = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     from ..checkpoint import validate
 
@@ -48,6 +53,12 @@ def command(
             rep = validate(path, check_values=True, progress=lambda done, total: bar.update(task, completed=done, total=total))
     else:
         rep = validate(path, check_values=check_values)
+    if hub_repo:
+        from ..hub import verify_against_hub
+
+        hub_rep = verify_against_hub(path, hub_repo, revision=revision, token=token)
+        rep.summary["hub"] = hub_rep.as_dict()
+        rep.problems.extend(f"hub {hub_rep.repo}@{hub_rep.commit[:12]}: {p}" for p in hub_rep.problems)
 
     if json_:
         print(json.dumps({"ok": rep.ok, "problems": rep.problems, "warnings": rep.warnings, "summary": rep.summary}, indent=2))
@@ -58,7 +69,7 @@ def command(
             print(f"{s['path']}: {s['tensors']} tensors in {s['shards']} shard(s), {s['bytes']:,} bytes, "
                   f"{s['parameters']:,} parameters")
             print(f"  dtypes: {dtypes or '-'}; FP8 weights: {s['fp8_weights']}; MTP layer: "
-                  f"{'present' if s['mtp'] else 'absent'}; values checked: {'yes' if s['values_checked'] else 'no'}")
+                  f"{'present' if s['mtp'] else 'absent (config.json declares it)' if s['mtp_in_config'] else 'absent'}; values checked: {'yes' if s['values_checked'] else 'no'}")
         for w in rep.warnings:
             print(f"warning: {w}")
         for p in rep.problems:
