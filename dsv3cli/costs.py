@@ -151,8 +151,13 @@ def _layer_tensors(cfg: ModelConfig, i: int) -> list[Tensor]:
 def main_tensors(cfg: ModelConfig) -> list[Tensor]:
     d, v = cfg.hidden_size, cfg.vocab_size
     t = [Tensor("embedding", v, d, 1, 0, False)]  # a lookup: no matmul, so not activated
-    for i in range(cfg.num_hidden_layers):
-        t += _layer_tensors(cfg, i)
+    # Layers come in two kinds (dense, MoE): one of each, multiplied, instead of 61 walks.
+    moe = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    dense = [i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)]
+    for layers in (dense, moe):
+        if layers:
+            t += [x._replace(count=x.count * len(layers), active=x.active * len(layers))
+                  for x in _layer_tensors(cfg, layers[0])]
     t.append(Tensor("norms", d, 1, 1, 1, False))  # final norm
     if not cfg.tie_word_embeddings:
         t.append(Tensor("head", v, d, 1, 1, False))
