@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,62 +149,50 @@ def check_tokens(token_lists: Sequence[Sequence[int]], vocab_size: int, source: 
 
 def profile_tokens(model, cfg, token_lists: Sequence[Sequence[int]], *, dist: Any = None, device: Any = "cpu",
                    nodes: int = 1, compare_bias: bool = False, batch_size: int = 1,
-                   on_prompt: Callable[[int], None] | None = None) -> Profile:
+                   on_batch: Callable[[int], None] | None = None) -> Profile:
     """Prefill every token list through `model` with a RouteCounter attached; counts summed over ranks.
 
-    Prompts are batched `batch_size` at a time, right-padded; padding is masked out of the counts
-    through the observer's `valid` (set by us when the model leaves it None).
+    Prompts go `batch_size` at a time, right-padded; `valid` tells the observer which are padding.
     """
     import torch
 
-    moe = cfg.moe_layers
-    if not moe:
-        raise DsvError("checkpoint has no MoE layers (n_routed_experts = 0 or first_k_dense_replace >= num_hidden_layers); "
-                       "nothing to profile")
+    if not cfg.moe_layers:
+        raise DsvError("checkpoint has no MoE layers (n_routed_experts is 0 or first_k_dense_replace >= "
+                       "num_hidden_layers): every layer is dense, there is no expert load to profile")
     check_tokens(token_lists, cfg.vocab_size)
     rank = getattr(dist, "rank", 0)
     world = getattr(dist, "world_size", 1)
     E = cfg.n_routed_experts
     per_rank = -(-E // world)
-    counter = RouteCounter(moe, E, cfg.n_group, nodes=nodes, device=device,
+    counter = RouteCounter(cfg.moe_layers, E, cfg.n_group, nodes=nodes, device=device,
                            expert_range=(rank * per_rank, min(E, (rank + 1) * per_rank)), count_spread=rank == 0)
     lists = [list(map(int, t)) for t in token_lists if len(t)]
-    # the observer sees [B*T] tokens; which are real is fixed per batch
-    state: dict[str, Any] = {"valid": None}
 
     def observe(layer_idx, topk_idx, topk_nobias=None, valid=None):
-        if valid is None:
-            valid = state["valid"]
-        counter(layer_idx, topk_idx, topk_nobias, valid)
+        counter(layer_idx, topk_idx, topk_nobias if compare_bias else None, valid)
 
-    old_obs = getattr(model, "route_observer", None)
-    old_nb = getattr(model, "route_nobias", None)
+    old = model.route_observer
     model.route_observer = observe
-    if hasattr(model, "route_nobias") or compare_bias:
-        model.route_nobias = bool(compare_bias)
     try:
         with torch.inference_mode():
             for i in range(0, len(lists), batch_size):
                 chunk = lists[i:i + batch_size]
                 T = max(len(t) for t in chunk)
-                toks = torch.zeros(len(chunk), T, dtype=torch.long)
-                valid = torch.zeros(len(chunk), T, dtype=torch.bool)
+                toks = torch.zeros(len(chunk), T, dtype=torch.long)  # [B,T] right-padded
+                valid = torch.zeros(len(chunk), T, dtype=torch.bool)  # [B,T]
                 for b, t in enumerate(chunk):
                     toks[b, :len(t)] = torch.tensor(t)
                     valid[b, :len(t)] = True
-                state["valid"] = None if bool(valid.all()) else valid.reshape(-1).to(device)  # [B*T]
-                model.forward(toks.to(device), torch.zeros(len(chunk), dtype=torch.long, device=device))
-                if on_prompt is not None:
-                    on_prompt(len(chunk))
+                model.forward(toks.to(device), torch.zeros(len(chunk), dtype=torch.long, device=device),
+                              valid=None if bool(valid.all()) else valid.to(device))
+                if on_batch is not None:
+                    on_batch(len(chunk))
     finally:
-        model.route_observer = old_obs
-        if old_nb is not None or hasattr(model, "route_nobias"):
-            model.route_nobias = old_nb if old_nb is not None else False
+        model.route_observer = old
     if world > 1:
         counter.reduce(getattr(dist, "group", None))
-    tokens = sum(len(t) for t in lists)
-    return Profile.from_counter(counter, tokens=tokens, prompts=len(lists), k=cfg.num_experts_per_tok,
-                                topk_group=cfg.topk_group)
+    return Profile.from_counter(counter, tokens=sum(len(t) for t in lists), prompts=len(lists),
+                                k=cfg.num_experts_per_tok, topk_group=cfg.topk_group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,17 +518,10 @@ def check_out_dir(out: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .checkpoint import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def counts_csv(moe_layers: Sequence[int], counts: np.ndarray) -> str:
@@ -580,17 +562,23 @@ def heatmap_png(moe_layers: Sequence[int], counts: np.ndarray, title: str) -> by
     return buf.getvalue()
 
 
+def _dumps(obj: Any) -> str:
+    """Indented JSON with every list of numbers on one line (a layer's map stays readable)."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s*([-\d.e,\s]+?)\s*\]", lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", text)
+
+
 def write_outputs(out: Path, doc: dict[str, Any], *, heatmap: bool = True) -> list[Path]:
     """counts.json, counts.csv (and counts_nobias.csv), plan.json, heatmap.png; each written atomically."""
     layers = doc["moe_layers"]
     counts = np.asarray(doc["counts"])
     files = {
-        "counts.json": json.dumps({k: doc[k] for k in ("moe_layers", "tokens", "prompts", "num_experts_per_tok",
+        "counts.json": _dumps({k: doc[k] for k in ("moe_layers", "tokens", "prompts", "num_experts_per_tok",
                                                         "n_routed_experts", "counts", "metrics")
                                    if k in doc} | ({"counts_nobias": doc["counts_nobias"]} if "counts_nobias" in doc else {}),
-                                  indent=1).encode(),
+                                  ).encode(),
         "counts.csv": counts_csv(layers, counts).encode(),
-        "plan.json": json.dumps(doc["plan"], indent=1).encode(),
+        "plan.json": _dumps(doc["plan"]).encode(),
     }
     if "counts_nobias" in doc:
         files["counts_nobias.csv"] = counts_csv(layers, np.asarray(doc["counts_nobias"])).encode()
@@ -603,9 +591,10 @@ def write_outputs(out: Path, doc: dict[str, Any], *, heatmap: bool = True) -> li
     return written
 
 
-def read_prompts(path: Path, tokenizer: Any | None, *, raw: bool) -> list[list[int]]:
+def read_prompts(path: Path, load_tokenizer: Callable[[], Any], *, raw: bool) -> list[list[int]]:
     """Token lists from a prompt file: one text per line, or JSONL with {"messages": [...]},
-    a bare list of messages, or {"prompt"/"text": "..."}. Chat template unless raw."""
+    a bare list of messages, or {"prompt"/"text": "..."}. Chat template unless raw.
+    The tokenizer is loaded (`load_tokenizer()`) only once the file has prompts."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -613,8 +602,7 @@ def read_prompts(path: Path, tokenizer: Any | None, *, raw: bool) -> list[list[i
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise DsvError(f"{path}: no prompts (the file is empty); put one prompt per line or JSONL chat messages")
-    if tokenizer is None:
-        raise DsvError(f"{path}: the checkpoint has no tokenizer.json; pass --prompt-ids instead")
+    tokenizer = load_tokenizer()
     out = []
     for n, ln in enumerate(lines, 1):
         item: Any = ln
@@ -658,3 +646,132 @@ def parse_prompt_ids(values: Iterable[str]) -> list[list[int]]:
             raise UsageError(f"--prompt-ids {v!r}: empty; give at least one token id")
         out.append(ids)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run (what the command calls)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProfileRequest:
+    checkpoint: Path
+    prompts_file: Path | None = None
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    generate: int = 0
+    raw: bool = False
+    compare_bias: bool = False
+    gpus: int | None = None
+    nodes: int = 1
+    redundant: int = 0
+    batch_size: int = 4
+    dtype: str = "auto"
+    device: str = "auto"
+    out: Path | None = None
+    heatmap: bool = True
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DsvError("--device cuda: no CUDA device is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None):
+    import torch
+
+    if dtype == "auto":
+        return torch.float32 if checkpoint_dtype == "F32" else torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
+def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                dist: Any = None) -> dict[str, Any] | None:
+    """Load, route the prompts, and return the summary document (rank 0; None on other ranks).
+
+    `progress(description, total)` returns an `advance(n)` callable (the command draws a bar).
+    Inputs are checked before the model is loaded, so bad input fails in a second.
+    """
+    from .checkpoint import Checkpoint
+
+    if req.prompts_file is None and not req.prompt_ids:
+        raise UsageError("give prompts with --prompts FILE or --prompt-ids 1,2,3")
+    if req.prompts_file is not None and req.prompt_ids:
+        raise UsageError("--prompts and --prompt-ids are exclusive; give one of them")
+    if req.generate < 0 or req.batch_size < 1:
+        raise UsageError("--generate must be ≥ 0 and --batch-size ≥ 1")
+    ck = Checkpoint(req.checkpoint)
+    cfg = ck.config
+    if not cfg.moe_layers:
+        raise DsvError(f"{req.checkpoint}: no MoE layers (n_routed_experts is {cfg.n_routed_experts}, "
+                       f"first_k_dense_replace {cfg.first_k_dense_replace} of {cfg.num_hidden_layers} layers): "
+                       "a dense-only checkpoint has no expert load to profile")
+    E = cfg.n_routed_experts
+    gpus = req.gpus if req.gpus is not None else default_gpus(E, req.redundant)
+    check_layout(E, cfg.n_group, gpus, req.nodes, req.redundant)
+    if req.compare_bias and cfg.topk_method != "noaux_tc":
+        raise UsageError(f"--compare-bias: this checkpoint routes with {cfg.topk_method!r}, which has no correction bias")
+    if req.prompts_file is not None:
+        from .tokenizer import load_tokenizer
+
+        pf = Path(req.prompts_file)
+        if not pf.is_file():
+            raise DsvError(f"--prompts {pf}: no such file")
+        token_lists = read_prompts(pf, lambda: load_tokenizer(req.checkpoint), raw=req.raw)
+        source = f"--prompts {pf}"
+    else:
+        token_lists = [list(t) for t in req.prompt_ids]
+        source = "--prompt-ids"
+    check_tokens(token_lists, cfg.vocab_size, source)
+    if req.out is not None:
+        check_out_dir(Path(req.out))
+        if req.heatmap:
+            try:
+                import matplotlib  # noqa: F401 - only checking it is there before the long run
+            except ImportError as e:
+                raise DsvError("--out writes heatmap.png, which needs matplotlib: pip install 'dsv3[plot]' "
+                               "(or pass --no-heatmap)") from e
+
+    from .loading import load_model
+    from .parallel import Dist
+
+    dist = dist or Dist()
+    device = resolve_device(req.device)
+    probe = next((n for n in ck.names() if n.endswith("mlp.gate.weight")), None)
+    dtype = resolve_dtype(req.dtype, ck.dtype(probe) if probe else None)
+    max_len = max(len(t) for t in token_lists) + req.generate
+    batch = min(req.batch_size, len(token_lists))
+    model = load_model(ck, dist, dtype=dtype, device=device, max_batch_size=batch, max_seq_len=max(max_len, 16))
+    extra: dict[str, Any] = {"source": source}
+    if req.generate:
+        from .generation import generate
+
+        advance = progress("generating", len(token_lists)) if progress else None
+        full = []
+        for i in range(0, len(token_lists), batch):
+            chunk = token_lists[i:i + batch]
+            # no EOS: every prompt gets exactly --generate new tokens
+            out, _ = generate(model, chunk, max_new_tokens=req.generate, max_seq_len=max_len, dist=dist)
+            full += [p + o for p, o in zip(chunk, out)]
+            if advance:
+                advance(len(chunk))
+        extra["generated_tokens"] = sum(len(f) - len(p) for f, p in zip(full, token_lists))
+        token_lists = full
+    advance = progress("routing", len(token_lists)) if progress else None
+    prof = profile_tokens(model, model.cfg, token_lists, dist=dist, device=device, nodes=req.nodes,
+                          compare_bias=req.compare_bias, batch_size=batch, on_batch=advance)
+    if dist.rank != 0:
+        return None
+    prof.extra = extra
+    doc = summarize(prof, gpus=gpus, nodes=req.nodes, redundant=req.redundant)
+    doc["checkpoint"] = str(req.checkpoint)
+    doc["dtype"] = str(dtype).replace("torch.", "")
+    doc["device"] = device
+    doc["world_size"] = dist.world_size
+    if req.out is not None:
+        doc["files"] = [str(p) for p in write_outputs(Path(req.out), doc, heatmap=req.heatmap)]
+    return doc
