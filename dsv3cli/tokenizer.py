@@ -103,9 +103,10 @@ every fast path is checked against a slow, simple reference on fresh random inpu
 # ---- building the tiny tokenizer --------------------------------------------------------------
 
 @functools.lru_cache(maxsize=4)
-def build_tokenizer_json(vocab_size: int) -> str:
-    """A byte-level BPE of at most `vocab_size` tokens (specials first), as tokenizer.json text.
-    Deterministic: the trainer breaks ties by pair order, and the input is fixed."""
+def build_tokenizer_json(vocab_size: int, text: str = TRAINING_TEXT) -> str:
+    """A byte-level BPE of at most `vocab_size` tokens (specials first), as tokenizer.json text,
+    trained on `text` (train.py passes its corpus). Deterministic: the trainer breaks ties by
+    pair order, and the input is fixed."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < len(SPECIAL_TOKENS) + 256:
@@ -120,7 +121,7 @@ def build_tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(TRAINING_TEXT.splitlines(keepends=True), trainer=trainer)
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
     return tok.to_str(pretty=True)
 
 
@@ -142,13 +143,14 @@ def tokenizer_config(model_max_length: int) -> dict[str, Any]:
     }
 
 
-def write_tokenizer_files(folder: str | Path, vocab_size: int, model_max_length: int = 4096) -> None:
+def write_tokenizer_files(folder: str | Path, vocab_size: int, model_max_length: int = 4096,
+                          text: str = TRAINING_TEXT) -> None:
     """tokenizer.json + tokenizer_config.json in the hub's form (atomic writes)."""
     from .checkpoint import atomic_output, write_json
 
     folder = Path(folder)
     with atomic_output(folder / "tokenizer.json") as tmp:
-        tmp.write_text(build_tokenizer_json(vocab_size), encoding="utf-8")
+        tmp.write_text(build_tokenizer_json(vocab_size, text), encoding="utf-8")
     write_json(folder / "tokenizer_config.json", tokenizer_config(model_max_length))
 
 
