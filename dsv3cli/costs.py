@@ -404,7 +404,7 @@ def params_tables(cfg: ModelConfig) -> list[Table]:
         "embedding": "lookup: not a matmul",
         "attention": f"{cfg.num_hidden_layers} layers",
         "dense_mlp": f"{dense} layers",
-        "routed_experts": f"{moe} layers x {cfg.n_routed_experts}, {cfg.num_experts_per_tok} per token",
+        "routed_experts": f"{moe} layers x {cfg.n_routed_experts}, {cfg.num_experts_per_tok or 0} per token",
         "shared_experts": f"{moe} layers x {cfg.n_shared_experts}",
         "router": f"{moe} layers",
         "norms": "RMSNorm weights",

@@ -1,9 +1,7 @@
 """Parameter, training-cost and inference memory / throughput / cost tables computed from a model
 config (an embedded preset or a hub config.json); no weights needed, no torch imported.
 
-With no options it reproduces DeepSeek-V3's Table 1 (2,788K H800 GPU-hours, $5.576M at $2/GPU-hour)
-and shows the MFU those hours imply; change --gpu, --price, --mfu, --tokens, --gpus to see the
-days and dollars move.
+With no options it reproduces DeepSeek-V3's Table 1 (2,788K H800 GPU-hours, $5.576M at $2/GPU-hour) and shows the MFU those hours imply; change --gpu, --price, --mfu, --tokens, --gpus to see the days and dollars move.
 
 Examples:
 
