@@ -154,16 +154,14 @@ def _block_scales(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
 
 def _run_parallel(n: int, work: Callable[[Sequence[int]], None], workers: int) -> None:
     """Run `work(indices)` over range(n) split round-robin across `workers` threads.
-    torch releases the GIL inside its ops, so threads give real parallelism; each thread
-    keeps torch single-threaded so the two levels of parallelism do not fight."""
+    torch releases the GIL inside its ops, so threads give real parallelism. Each thread keeps
+    torch single-threaded: small ops on cache-sized chunks lose to OpenMP's fork/join (badly so
+    on a busy machine), and two levels of parallelism would fight over the cores."""
     workers = max(1, min(workers, n))
-    if workers == 1:
-        work(range(n))
-        return
     prev = torch.get_num_threads()
 
     def one(k: int) -> None:
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # this thread's OpenMP team only (and the default for new threads)
         work(range(k, n, workers))
 
     try:
@@ -174,48 +172,66 @@ def _run_parallel(n: int, work: Callable[[Sequence[int]], None], workers: int) -
         torch.set_num_threads(prev)
 
 
+_INT_OF = {2: torch.int16, 4: torch.int32}
+
+
+def _block_amax(x: torch.Tensor, br: int, nc: int) -> torch.Tensor:
+    """x [r, i] float -> float32 max|x| per (row block of br, 128 columns) [ceil(r/br), nc].
+    Non-negative floats order like their bit patterns, so the max runs on integers (abs is an
+    AND of the sign bit; NaN and Inf stay above every finite value)."""
+    r, i = x.shape
+    it = _INT_OF[x.element_size()]
+    mag = torch.bitwise_and(x.view(it), torch.iinfo(it).max)  # [r, i] bits of |x|
+    full = (i // BLOCK) * BLOCK
+    parts = []
+    if full:
+        parts.append(mag[:, :full].reshape(r, full // BLOCK, BLOCK).amax(dim=2))  # [r, full/128]
+    if full < i:
+        parts.append(mag[:, full:].amax(dim=1, keepdim=True))  # the ragged last block
+    m = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [r, nc]
+    if br > 1:
+        nr = _cdiv(r, br)
+        if r % br:
+            m = torch.cat([m, torch.zeros(nr * br - r, nc, dtype=m.dtype)])  # zero bits: 0.0
+        m = m.view(nr, br, nc).amax(dim=1)  # [nr, nc]
+    return m.view(x.dtype).to(torch.float32)
+
+
 def _quantize_fast(w: torch.Tensor, br: int, scale_fmt: str, workers: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [o, i] (any float dtype) -> (q [o, i], s [ceil(o/br), ceil(i/128)]); br = 128 or 1."""
+    """w [o, i] (float32/bfloat16/float16) -> (q [o, i], s [ceil(o/br), ceil(i/128)]); br = 128 or 1."""
     _check_fmt(scale_fmt)
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        w = w.to(torch.float32)
     o, i = w.shape
     nr, nc = _cdiv(o, br), _cdiv(i, BLOCK)
     ip = nc * BLOCK
     q = torch.empty(o, i, dtype=_FP8)
     s = torch.empty(nr, nc, dtype=torch.float32)
+    # A job is one 128-row block of a weight, or a bunch of rows of activations.
     rows_per_job = br if br > 1 else max(1, _CHUNK // max(ip, 1))
     njobs = _cdiv(o, rows_per_job)
-    workers = default_workers() if workers is None else workers
-    if o * i < _PARALLEL_MIN:
-        workers = 1
+    if o * i == 0:
+        return q, s
 
     def work(jobs: Sequence[int]) -> None:
-        buf = torch.zeros(rows_per_job, ip, dtype=torch.float32)  # zero padding stays zero
+        buf = torch.zeros(rows_per_job, ip, dtype=torch.float32)  # the padding stays 0 (0 / s = 0)
         for j in jobs:
             r0 = j * rows_per_job
             r1 = min(o, r0 + rows_per_job)
+            wj = w[r0:r1]
+            sj = _block_scales(_block_amax(wj, br, nc), scale_fmt)  # [1 or rows, nc]
+            s[r0 // br : r0 // br + sj.shape[0]] = sj
             x = buf[: r1 - r0]
-            x[:, :i].copy_(w[r0:r1])  # exact widening to float32
-            if br > 1:  # one 128-row block: one scale per 128 columns
-                amax = x.view(r1 - r0, nc, BLOCK).abs().amax(dim=(0, 2))  # [nc]
-                sj = _block_scales(amax, scale_fmt)
-                s[j] = sj
-                sx = sj.view(1, nc, 1)
-            else:  # 1x128 tiles: one scale per row per 128 columns
-                amax = x.view(r1 - r0, nc, BLOCK).abs().amax(dim=2)  # [rows, nc]
-                sj = _block_scales(amax, scale_fmt)
-                s[r0:r1] = sj
-                sx = sj.view(r1 - r0, nc, 1)
-            step = max(1, _CHUNK // ip)
-            for c0 in range(0, r1 - r0, step):
-                c1 = min(r1 - r0, c0 + step)
-                xc = x[c0:c1].view(c1 - c0, nc, BLOCK)
-                xc.div_(sx if br > 1 else sx[c0:c1])  # float32(w / s), one rounding
-                xc.clamp_(-FP8_MAX, FP8_MAX)
-                q[r0 + c0 : r0 + c1].copy_(x[c0:c1, :i])  # float32 -> e4m3, nearest-even
-            if i < ip:
-                buf[:, i:].zero_()
+            x[:, :i].copy_(wj)  # exact widening to float32
+            # float32(w / s), one rounding; |w / s| <= 448 * (1 + 2**-23) < 464, so the cast
+            # below rounds it to at most 448: saturation needs no clamp.
+            x.view(r1 - r0, nc, BLOCK).div_(sj.view(-1, nc, 1))
+            q[r0:r1].copy_(x[:, :i])  # float32 -> e4m3, nearest-even
 
-    _run_parallel(njobs, work, workers)
+    if o * i < _PARALLEL_MIN:
+        work(range(njobs))
+    else:
+        _run_parallel(njobs, work, default_workers() if workers is None else workers)
     return q, s
 
 
@@ -279,10 +295,6 @@ def dequantize_weight(
     rows = max(1, min(BLOCK, _CHUNK // max(i, 1)))
     njobs = nr * _cdiv(BLOCK, rows)
     per_block = _cdiv(BLOCK, rows)
-    workers = default_workers() if workers is None else workers
-    if o * i < _PARALLEL_MIN:
-        workers = 1
-
     def work(jobs: Sequence[int]) -> None:
         t = torch.empty(rows, i, dtype=torch.int32)
         last_b = -1
@@ -305,5 +317,8 @@ def dequantize_weight(
                 f.mul_(sx)  # float32(q * s): the one float32 rounding
                 out[r0:r1].copy_(f)  # rounded once to the output dtype
 
-    _run_parallel(njobs, work, workers)
+    if o * i < _PARALLEL_MIN:
+        work(range(njobs))
+    else:
+        _run_parallel(njobs, work, default_workers() if workers is None else workers)
     return out
