@@ -230,6 +230,10 @@ def test_verify_hub_names_a_corrupt_file_and_download_verify_repairs_it(env, tin
 
     report = hub.verify_against_hub(out, "v3")
     assert report.bad == [SHARDS[2]] and len(report.checked) == len(files_of(tiny_fp8))
+    r = dsv3("verify", out, "--hub", "v3")
+    assert r.exit_code == 1
+    problems = [ln for ln in r.stdout.splitlines() if ln.startswith("problem:")]
+    assert len(problems) == 1 and SHARDS[2] in problems[0] and "sha256" in problems[0], r.stdout
 
     r = dsv3("download", "--local-dir", out, "--json")  # a plain rerun trusts its records
     assert r.exit_code == 0 and json.loads(r.stdout)["fetched"] == []
@@ -240,7 +244,9 @@ def test_verify_hub_names_a_corrupt_file_and_download_verify_repairs_it(env, tin
     assert res["fetched"] == [SHARDS[2]] and len(res["repaired"]) == 1 and SHARDS[2] in res["repaired"][0]
     assert res["verify"]["ok"] and res["format_problems"] == []
     assert_identical(tiny_fp8, out)
-    assert hub.verify_against_hub(out, "v3").ok
+    r = dsv3("verify", out, "--hub", "v3", "--json")
+    assert r.exit_code == 0, r.stdout
+    assert json.loads(r.stdout)["summary"]["hub"]["checked"] == len(files_of(tiny_fp8))
 
 
 def test_errors_are_one_clear_line(env, tmp_path):
