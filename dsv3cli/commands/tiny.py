@@ -1,9 +1,6 @@
 """Write a small random checkpoint in the hub's exact layout (for tests, demos and trying dsv3 out).
 
-The folder gets config.json, generation_config.json, tokenizer.json, tokenizer_config.json
-(with a DeepSeek-style chat template), model.safetensors.index.json and shards
-model-0000i-of-0000n.safetensors, including the MTP layer. With --fp8 the linear weights are
-F8_E4M3 with 128x128 weight_scale_inv blocks, as on the hub. Same --seed, same bytes.
+The folder gets config.json, generation_config.json, tokenizer.json, tokenizer_config.json (with a DeepSeek-style chat template), shards model-0000i-of-0000n.safetensors and model.safetensors.index.json, MTP layer included. With --fp8 the linear weights are F8_E4M3 with 128x128 weight_scale_inv blocks, as on the hub. The same --seed gives the same bytes.
 
 Examples:
 

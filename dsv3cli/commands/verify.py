@@ -1,11 +1,8 @@
 """Check a local checkpoint folder without loading the model.
 
-Checks the index against the shards (every tensor where the index says, no strays), each
-safetensors header (truncation, corruption, Git LFS pointers), FP8 weights and their
-weight_scale_inv (present, float32, [ceil(out/128), ceil(in/128)]), every tensor's shape against
-config.json (MTP layer included when present) and quantization_config against the dtypes.
---check-values also reads every tensor once looking for NaN/Inf. Prints a summary and one line
-per problem; exits 1 when there is any problem.
+Checks the index against the shards, each safetensors header (truncation, corruption, Git LFS pointers), FP8 weights and their weight_scale_inv (present, float32, shape ceil(out/128) x ceil(in/128)), every tensor's shape against config.json (MTP layer included when present) and quantization_config against the dtypes. --check-values also reads every tensor once looking for NaN/Inf.
+
+Prints a summary and one line per problem; exits 1 when there is any problem.
 
 Examples:
 
