@@ -285,3 +285,14 @@ def test_preflight_refuses_when_the_disk_is_too_small(env, tiny_fp8, tmp_path, m
     assert dsv3("download", "--local-dir", out, "--include", "*.json").exit_code == 1
     assert dsv3("download", "--local-dir", out, "--include", "*.json", "--force").exit_code == 0
     assert_identical(tiny_fp8, out, [n for n in files_of(tiny_fp8) if n.endswith(".json")])
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_disk_full_during_the_download(env, tmp_path):
+    # The partial file of one shard is /dev/full: every write to it fails with ENOSPC, as on a full disk.
+    out = tmp_path / "v3"
+    f = next(f for f in hub.open_snapshot(REPO).files if f.path == SHARDS[0])
+    partial = hub.partial_path(out, f)
+    partial.parent.mkdir(parents=True)
+    partial.symlink_to("/dev/full")
+    one_line_error(dsv3("download", "--local-dir", out, "--workers", "1"), "disk full", SHARDS[0], "rerun")
