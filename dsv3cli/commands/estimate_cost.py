@@ -30,17 +30,31 @@ _NUM = dict(metavar="NUMBER")
 
 
 def command(
-    config: Annotated[Optional[str], typer.Option("--config", help="A hub config.json (or a checkpoint folder holding one).")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="An embedded preset: deepseek-v3 (default), deepseek-v2, deepseek-v2-lite, kimi-k2, moonlight, tiny.")] = None,
-    gpu: Annotated[str, typer.Option("--gpu", help="GPU from the catalog (see --section gpus): H800, H100-SXM, H200, B200, A100-SXM, MI300X, MI325X.")] = "H800",
+    config: Annotated[Optional[str], typer.Option(
+        "--config", help="A hub config.json (or a checkpoint folder holding one).")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", help="An embedded preset: deepseek-v3 (default), deepseek-v2, deepseek-v2-lite, kimi-k2, "
+        "moonlight, tiny.")] = None,
+    gpu: Annotated[str, typer.Option(
+        "--gpu", help="GPU from the catalog (see --section gpus): H800, H100-SXM, H200, B200, A100-SXM, MI300X, "
+        "MI325X.")] = "H800",
     price: Annotated[str, typer.Option("--price", help="Dollars per GPU-hour.", **_NUM)] = "2",
-    mfu: Annotated[Optional[str], typer.Option("--mfu", help="Model FLOPs utilisation in (0, 1] of the dense --mfu-basis peak; default: what DeepSeek's Table 1 implies (~0.39 of BF16).", **_NUM)] = None,
-    mfu_basis: Annotated[str, typer.Option("--mfu-basis", help="Which dense peak the MFU refers to: bf16 or fp8 (sparse peaks are never used).")] = "bf16",
-    tokens: Annotated[Optional[str], typer.Option("--tokens", help="Pre-training tokens, e.g. 14.8T, 500B, 1e12 (default 14.8T).", **_NUM)] = None,
-    gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPUs: the training cluster (default 2,048) and the serving group (default: the fewest that fit).", **_NUM)] = None,
-    context: Annotated[Optional[str], typer.Option("--context", help="Training sequence length and serving context in tokens (default 4096).", **_NUM)] = None,
-    batch: Annotated[str, typer.Option("--batch", help="Sequences served together (decode batch; prefill prompts).", **_NUM)] = "32",
-    section: Annotated[Optional[str], typer.Option("--section", help="Show one table group: params, training, inference or gpus.")] = None,
+    mfu: Annotated[Optional[str], typer.Option(
+        "--mfu", help="Model FLOPs utilisation in (0, 1] of the dense --mfu-basis peak; default: what DeepSeek's "
+        "Table 1 implies (~0.39 of BF16).", **_NUM)] = None,
+    mfu_basis: Annotated[str, typer.Option(
+        "--mfu-basis", help="Which dense peak the MFU refers to: bf16 or fp8 (sparse peaks are never used).")] = "bf16",
+    tokens: Annotated[Optional[str], typer.Option(
+        "--tokens", help="Pre-training tokens, e.g. 14.8T, 500B, 1e12 (default 14.8T).", **_NUM)] = None,
+    gpus: Annotated[Optional[str], typer.Option(
+        "--gpus", help="GPUs: the training cluster (default 2,048) and the serving group (default: the fewest "
+        "that fit).", **_NUM)] = None,
+    context: Annotated[Optional[str], typer.Option(
+        "--context", help="Training sequence length and serving context in tokens (default 4096).", **_NUM)] = None,
+    batch: Annotated[str, typer.Option(
+        "--batch", help="Sequences served together (decode batch; prefill prompts).", **_NUM)] = "32",
+    section: Annotated[Optional[str], typer.Option(
+        "--section", help="Show one table group: params, training, inference or gpus.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table (rich), csv or markdown.")] = "table",
     as_json: JsonOpt = False,
 ) -> None:
