@@ -173,7 +173,8 @@ def _hub_error(e: BaseException, repo_id: str, revision: str, endpoint: str,
         return DsvError(f"{repo_id}: repository not found on {endpoint}; check the name (aliases: "
                         f"{', '.join(ALIASES)}); a private repo needs a token (--token or HF_TOKEN)")
     if isinstance(e, RemoteEntryNotFoundError):
-        return DsvError(f"{repo_id}@{revision}: a listed file is missing on the hub ({e}); rerun later{stays}")
+        url = e.response.url if e.response is not None else "?"
+        return DsvError(f"{repo_id}@{revision}: a listed file is missing on the hub ({url}); rerun later{stays}")
     if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else None
         if status in (401, 403):
@@ -183,7 +184,7 @@ def _hub_error(e: BaseException, repo_id: str, revision: str, endpoint: str,
     if isinstance(e, OfflineModeIsEnabled):
         return DsvError(f"{repo_id}: HF_HUB_OFFLINE is set, the hub cannot be reached; unset it to download{stays}")
     if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)) or "Consistency check failed" in str(e):
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         return DsvError(f"cannot reach the hub at {endpoint} ({reason}); check the network or HF_ENDPOINT{stays}")
     return None
 
