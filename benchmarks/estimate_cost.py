@@ -11,6 +11,8 @@ of the cost model are checked here (tests/test_costs.py does that).
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,10 +35,15 @@ NO_TORCH = (
 )
 
 
-def wall(args: list[str]) -> float:
+def wall(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one fresh interpreter running `args`. CPU time barely moves
+    when other jobs load the machine; wall time is what the user waits for on a quiet one."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run([sys.executable, *args], check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    w = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return w, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def main() -> int:
@@ -47,16 +54,22 @@ def main() -> int:
         wall(args)
     # Interleave the cases so a burst of load on the machine hits all of them alike.
     times: dict[str, list[float]] = {k: [] for k in CASES}
+    cpu: dict[str, list[float]] = {k: [] for k in CASES}
     for _ in range(runs):
         for k, args in CASES.items():
-            times[k].append(wall(args))
-    base = statistics.median(times["python -c pass"])
-    print(f"{'command':<66} {'median s':>9} {'min s':>7} {'x python -c pass':>17}")
-    for k, ts in times.items():
-        print(f"{k:<66} {statistics.median(ts):9.3f} {min(ts):7.3f} {statistics.median(ts) / base:17.2f}")
-    est = statistics.median(times["dsv3 estimate-cost"])
+            w, c = wall(args)
+            times[k].append(w)
+            cpu[k].append(c)
+    base, base_cpu = statistics.median(times["python -c pass"]), statistics.median(cpu["python -c pass"])
+    print(f"{'command':<66} {'wall s':>7} {'min s':>6} {'x pass':>7} {'CPU s':>6} {'x pass':>7}")
+    for k in CASES:
+        w, c = statistics.median(times[k]), statistics.median(cpu[k])
+        print(f"{k:<66} {w:7.3f} {min(times[k]):6.3f} {w / base:7.2f} {c:6.3f} {c / base_cpu:7.2f}")
+    est, est_cpu = statistics.median(times["dsv3 estimate-cost"]), statistics.median(cpu["dsv3 estimate-cost"])
     verdict = "under" if est < TARGET_S else "OVER"
-    print(f"dsv3 estimate-cost: {est:.3f} s median = {est / base:.2f}x python -c pass; {verdict} the {TARGET_S} s target")
+    load = os.getloadavg()[0]
+    print(f"dsv3 estimate-cost: {est:.3f} s wall median = {est / base:.2f}x python -c pass ({est_cpu:.3f} s CPU = "
+          f"{est_cpu / base_cpu:.2f}x); {verdict} the {TARGET_S} s target; load average {load:.1f} on {os.cpu_count()} CPUs")
     r = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True)
     print(r.stderr.strip())
     assert r.returncode == 0, f"dsv3 estimate-cost imported torch or failed: {r.stderr}"
