@@ -242,6 +242,22 @@ def test_cli_json_is_one_document_with_every_table():
     assert doc["inputs"]["gpu"] == "H800" and doc["inputs"]["training_gpus"] == 2048
 
 
+def test_json_holds_every_number_the_tables_show():
+    args = ["estimate-cost", "--gpu", "H200", "--mfu", "0.3", "--batch", "8", "--context", "16384"]
+    md = runner.invoke(app, [*args, "--format", "markdown"]).stdout
+    doc = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    shown = 0
+    for tables in doc["sections"].values():
+        for t in tables:
+            assert f"### {t['title']}" in md
+            for row in t["rows"]:
+                fmts = {**{c["key"]: c["format"] for c in t["columns"]}, **row.get("_fmt", {})}
+                cells = [costs.format_value(row.get(c["key"]), fmts[c["key"]]) for c in t["columns"]]
+                assert "| " + " | ".join(cells) + " |" in md, cells
+                shown += len(cells)
+    assert shown > 200
+
+
 def test_cli_sections_and_formats():
     r = runner.invoke(app, ["estimate-cost", "--section", "gpus", "--format", "csv"])
     assert r.exit_code == 0, r.output
