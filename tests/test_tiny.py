@@ -88,3 +88,34 @@ def test_cli_tiny_json_and_refusals(tmp_path):
     assert r.exit_code == 1 and "GB" in r.output and not (tmp_path / "big").exists()
     r = runner.invoke(app, ["tiny", str(tmp_path / "x"), "--preset", "nope"])
     assert r.exit_code == 1 and "unknown preset" in r.output
+
+
+def test_transformers_loads_tiny_with_exactly_our_names(tiny_bf16):
+    """transformers' DeepseekV3 (an independent name table) finds every main-model tensor and
+    nothing else except the MTP layer, which it does not implement."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(tiny_bf16, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert info["unexpected_keys"] and all(k.startswith("model.layers.3.") for k in info["unexpected_keys"])
+    logits = model(torch.tensor([[0, 5, 9, 200, 300, 17]])).logits[0]  # [T, V]
+    p = logits.softmax(-1)
+    assert torch.isfinite(logits).all() and 0.5 < logits.std() < 10
+    assert (p.max(-1).values < 0.9).all() and (p.max(-1).values > 2 / logits.shape[-1]).all()
+
+
+def test_other_shapes_validate(tmp_path):
+    """No q_lora (V2-Lite style), no MTP, softmax routing without the bias: still the hub's names."""
+    from dsv3cli.config import load_preset
+    from dsv3cli.tiny import make_tiny
+
+    cfg = load_preset("tiny").replace(q_lora_rank=None, num_nextn_predict_layers=0, scoring_func="softmax",
+                                     topk_method="greedy", n_group=1, topk_group=1)
+    out = make_tiny(tmp_path / "v2", config=cfg, fp8=True, shards=2)
+    rep = validate(out)
+    assert rep.ok, rep.problems
+    ck = Checkpoint(out)
+    assert not ck.has_mtp and ck.has("model.layers.0.self_attn.q_proj.weight")
+    assert not any(n.endswith("e_score_correction_bias") for n in ck.names())
+    assert ck.config.q_lora_rank is None and ck.config.topk_method == "greedy"

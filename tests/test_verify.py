@@ -151,13 +151,15 @@ def test_fresh_tiny_validates_clean(tiny_bf16, tiny_fp8):
     assert s["format"] == "fp8" and s["fp8_weights"] == sum(map(is_fp8_weight, expected_shapes(load_preset("tiny"))))
 
 
-def test_hf_save_pretrained_checkpoint_validates(tmp_path):
-    """transformers' own save keeps per-expert names and drops the MTP layer: valid, MTP reported absent."""
+@pytest.mark.parametrize("q_lora_rank", [32, None])
+def test_hf_save_pretrained_checkpoint_validates(tmp_path, q_lora_rank):
+    """transformers' own save keeps per-expert names and drops the MTP layer: valid, MTP reported
+    absent. An independent check of the name table (q_lora_rank None: plain q_proj)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     cfg = DeepseekV3Config(
         vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=16,
+        first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=q_lora_rank, kv_lora_rank=16,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_shared_experts=1,
         num_experts_per_tok=2, n_group=2, topk_group=1, num_nextn_predict_layers=1,
     )
@@ -175,3 +177,5 @@ def test_hf_save_pretrained_checkpoint_validates(tmp_path):
     assert ck.shape(name) == (64, 32)
     w = ck.get("model.layers.1.self_attn.kv_b_proj.weight")
     assert w.equal(sd["model.layers.1.self_attn.kv_b_proj.weight"])
+    assert ck.has("model.layers.0.self_attn.q_proj.weight") == (q_lora_rank is None)
+    assert set(ck.names()) == set(expected_shapes(ck.config, mtp=False))
