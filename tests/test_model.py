@@ -1,0 +1,317 @@
+"""The model against transformers' DeepseekV3ForCausalLM (the independent reference), and against itself.
+
+Checkpoints are saved by transformers (float32, per-expert names, no MTP layer) with random
+weights scaled so activations are O(1), loaded with `load_model`, and compared:
+- float32 logits over a whole prompt: max |ours - ref| / max |ref| <= 1e-4, for both attention
+  paths (absorbed and naive), several configs (q_lora_rank null/set, n_group/topk_group > 1,
+  dims not multiples of 128, YaRN with prompts past original_max_position_embeddings);
+- 32 greedy tokens with our cache == greedy over transformers' full forwards;
+- cached incremental decoding == one full forward; ragged right-padded batch == per-sequence runs;
+- the same after FP8 block quantization, against transformers on the dequantized weights;
+- the MTP module against transformers' own decoder layer with the MTP layer's weights.
+
+transformers 5.x masks unselected expert groups with -inf (older releases used 0.0, which differs
+only when biased scores are negative); the routing biases here are positive so both agree.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+from dsv3cli.loading import load_model  # noqa: E402
+from dsv3cli.parallel import Dist  # noqa: E402
+
+TOL = 1e-4
+N_GREEDY = 32
+
+BASE = dict(
+    vocab_size=200, hidden_size=48, intermediate_size=72, moe_intermediate_size=24, num_hidden_layers=3,
+    first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=20,
+    qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=10, n_routed_experts=8, num_experts_per_tok=3,
+    n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+    rope_interleave=True, attn_implementation="eager", tie_word_embeddings=False,
+)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
+
+# name -> (config overrides, prompt length)
+CONFIGS = {
+    # q_proj without LoRA, 4 groups keep 2, YaRN x4 over 32 positions, prompt 80 > 32
+    "yarn_nolora_groups": (dict(max_position_embeddings=128, rope_parameters=YARN), 80),
+    # q LoRA, every layer MoE, 2 shared experts, no group limit, no normalisation, plain RoPE
+    "lora_plain_rope": (
+        dict(q_lora_rank=24, first_k_dense_replace=0, n_shared_experts=2, n_group=1, topk_group=1,
+             norm_topk_prob=False, routed_scaling_factor=1.5, num_hidden_layers=2, max_position_embeddings=96,
+             rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
+        40,
+    ),
+    # V3-like ratios: LoRA q, YaRN x40 from 16 (strong mscale), 4 groups keep 3, 16 experts top 4
+    "v3like_yarn40": (
+        dict(q_lora_rank=36, hidden_size=64, num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=16,
+             qk_rope_head_dim=8, v_head_dim=16, kv_lora_rank=24, n_routed_experts=16, num_experts_per_tok=4,
+             topk_group=3, max_position_embeddings=640,
+             rope_parameters={**YARN, "factor": 40.0, "original_max_position_embeddings": 16}),
+        70,
+    ),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights that keep activations O(1) (std 1/sqrt(fan_in)), norms around 1, positive biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.rand(b.shape, generator=g))
+
+
+def make_hf(folder, overrides: dict, seed: int = 0):
+    cfg = DeepseekV3Config(**{**BASE, **overrides})
+    model = DeepseekV3ForCausalLM(cfg).float().eval()
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def hf_greedy(hf, prompt: torch.Tensor, n: int) -> list[int]:
+    """Greedy tokens from transformers with a full forward per step (no cache involved)."""
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = hf(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    return ids[0, prompt.shape[1]:].tolist()
+
+
+def our_greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
+    """Greedy tokens with our cache: one prefill, then one token per forward."""
+    logits, _ = model(prompt, torch.zeros(1, dtype=torch.long))
+    out = [int(logits[0, -1].argmax())]
+    for i in range(n - 1):
+        logits, _ = model(torch.tensor([[out[-1]]]), torch.tensor([prompt.shape[1] + i]))
+        out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """name -> (transformers model, checkpoint folder, prompt [1,T])."""
+    out = {}
+    for k, (name, (over, plen)) in enumerate(CONFIGS.items()):
+        folder = tmp_path_factory.mktemp(name)
+        hf = make_hf(folder, over, seed=k)
+        prompt = torch.randint(0, BASE["vocab_size"], (1, plen), generator=torch.Generator().manual_seed(100 + k))
+        out[name] = (hf, folder, prompt)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes: one intra-op thread is faster, and far faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+PARITY: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_and_greedy_match_transformers(name, hf_models):
+    hf, folder, prompt = hf_models[name]
+    model = load_model(folder, Dist(), dtype=torch.float32, max_batch_size=1, max_seq_len=prompt.shape[1] + N_GREEDY)
+    assert not model.has_mtp  # transformers drops the MTP layer
+    with torch.no_grad():
+        ref = hf(prompt, use_cache=False).logits
+    for impl in ("absorb", "naive"):
+        model.attn_impl = impl
+        logits, hidden = model(prompt, torch.zeros(1, dtype=torch.long))
+        err = rel_err(logits, ref)
+        PARITY[f"{name}/{impl}"] = err
+        print(f"parity {name} {impl}: max rel err {err:.2e}")
+        assert err <= TOL, f"{name} ({impl}): logits differ from transformers by {err:.2e} relative"
+        assert hidden.shape == (1, prompt.shape[1], hf.config.hidden_size)
+    model.attn_impl = "absorb"
+    assert our_greedy(model, prompt, N_GREEDY) == hf_greedy(hf, prompt, N_GREEDY)
+
+
+def test_incremental_decoding_equals_full_forward(hf_models):
+    _, folder, prompt = hf_models["yarn_nolora_groups"]
+    model = load_model(folder, Dist(), dtype=torch.float32, max_seq_len=prompt.shape[1])
+    full, _ = model(prompt, torch.zeros(1, dtype=torch.long))
+    pieces = [model(prompt[:, :37], torch.zeros(1, dtype=torch.long))[0]]
+    pos = 37
+    for step in (1, 3, 1, 5, 33):  # single tokens and multi-token (MTP verification-like) steps
+        pieces.append(model(prompt[:, pos : pos + step], torch.tensor([pos]))[0])
+        pos += step
+    assert pos == prompt.shape[1]
+    assert rel_err(torch.cat(pieces, 1), full) < 1e-5
+
+
+def test_ragged_batch_equals_single_sequences(hf_models):
+    _, folder, prompt = hf_models["v3like_yarn40"]
+    lens = [70, 41, 57]
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, BASE["vocab_size"], (n,), generator=g) for n in lens]
+    batch = torch.randint(0, BASE["vocab_size"], (3, 70), generator=g)  # padding = garbage tokens
+    for b, s in enumerate(seqs):
+        batch[b, : len(s)] = s
+    model = load_model(folder, Dist(), dtype=torch.float32, max_batch_size=3, max_seq_len=80)
+    single = load_model(folder, Dist(), dtype=torch.float32, max_batch_size=1, max_seq_len=80)
+    logits, _ = model(batch, torch.zeros(3, dtype=torch.long))
+    nxt = torch.tensor([int(logits[b, n - 1].argmax()) for b, n in enumerate(lens)])
+    step, _ = model(nxt[:, None], torch.tensor(lens))  # ragged decode: each at its own position
+    for b, s in enumerate(seqs):
+        ref, _ = single(s[None], torch.zeros(1, dtype=torch.long))
+        assert rel_err(logits[b, : len(s)], ref[0]) < 1e-5
+        ref_step, _ = single(nxt[b].view(1, 1), torch.tensor([len(s)]))
+        assert rel_err(step[b], ref_step[0]) < 1e-5
+
+
+def _quantize_checkpoint(src, dst, hf) -> None:
+    """Block-quantize the FP8 set of `src` into `dst` (hub names and quantization_config), and load
+    the dequantized weights into `hf` (the reference runs on exactly those values)."""
+    from dsv3cli.checkpoint import is_fp8_weight, scale_name
+    from dsv3cli.fp8 import dequantize_weight, quantize_weight
+
+    tensors = load_file(src / "model.safetensors")
+    out, deq = {}, {}
+    for name, t in tensors.items():
+        if is_fp8_weight(name):
+            q, s = quantize_weight(t)
+            out[name], out[scale_name(name)] = q, s
+            deq[name] = dequantize_weight(q, s, torch.float32)
+        else:
+            out[name] = t
+    dst.mkdir()
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    sd = hf.state_dict()
+    # transformers keeps routed experts fused in memory: [E, 2*I, D] gate_up and [E, D, I] down.
+    with torch.no_grad():
+        for name, w in deq.items():
+            if ".experts." in name:  # model.layers.{i}.mlp.experts.{e}.{proj}.weight
+                parts = name.split(".")
+                prefix, e, proj = ".".join(parts[:-4]), int(parts[-3]), parts[-2]
+                if proj == "down_proj":
+                    sd[f"{prefix}.experts.down_proj"][e].copy_(w)
+                else:
+                    inter = w.shape[0]
+                    half = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+                    sd[f"{prefix}.experts.gate_up_proj"][e, half].copy_(w)
+            else:
+                sd[name].copy_(w)
+
+
+@pytest.mark.parametrize("name", ["yarn_nolora_groups", "v3like_yarn40"])
+def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(name, hf_models, tmp_path):
+    pytest.importorskip("dsv3cli.fp8")
+    over, _ = CONFIGS[name]
+    _, folder, prompt = hf_models[name]
+    hf = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _quantize_checkpoint(folder, tmp_path / "fp8", hf)
+    model = load_model(tmp_path / "fp8", Dist(), dtype=torch.float32, max_seq_len=prompt.shape[1] + N_GREEDY)
+    assert model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        ref = hf(prompt, use_cache=False).logits
+    logits, _ = model(prompt, torch.zeros(1, dtype=torch.long))
+    err = rel_err(logits, ref)
+    PARITY[f"{name}/fp8"] = err
+    print(f"parity {name} fp8: max rel err {err:.2e}")
+    assert err <= TOL
+    assert our_greedy(model, prompt, N_GREEDY) == hf_greedy(hf, prompt, N_GREEDY)
+
+
+# ---- the MTP module ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mtp_setup(tmp_path_factory):
+    """A transformers model with N+1 layers whose last layer serves as the MTP layer of an N-layer
+    checkpoint, plus the MTP-only tensors (enorm, hnorm, eh_proj, shared_head, own embedding)."""
+    over = dict(CONFIGS["v3like_yarn40"][0], num_hidden_layers=3)
+    big_dir = tmp_path_factory.mktemp("mtp_big")
+    big = make_hf(big_dir, over, seed=11)
+    N, D, V = 2, big.config.hidden_size, big.config.vocab_size
+    g = torch.Generator().manual_seed(12)
+    tensors = load_file(big_dir / "model.safetensors")
+    extra = {
+        "enorm.weight": 1 + 0.2 * torch.randn(D, generator=g),
+        "hnorm.weight": 1 + 0.2 * torch.randn(D, generator=g),
+        "eh_proj.weight": torch.randn(D, 2 * D, generator=g) / (2 * D) ** 0.5,
+        "shared_head.norm.weight": 1 + 0.2 * torch.randn(D, generator=g),
+        "shared_head.head.weight": torch.randn(V, D, generator=g) / D**0.5,
+        "embed_tokens.weight": torch.randn(V, D, generator=g),
+    }
+    tensors.update({f"model.layers.{N}.{k}": v for k, v in extra.items()})
+    folder = tmp_path_factory.mktemp("mtp")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((big_dir / "config.json").read_text())
+    cfg.update(num_hidden_layers=N, num_nextn_predict_layers=1)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return big, extra, folder
+
+
+def mtp_reference(big, extra, hidden, next_tokens, pos0: int):
+    """transformers' decoder layer N over h (final-normed) and t_{p+1}, positions pos0.., full causal."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    D, eps = big.config.hidden_size, big.config.rms_norm_eps
+
+    def norm(w):
+        n = DeepseekV3RMSNorm(D, eps)
+        n.weight.data.copy_(w)
+        return n
+
+    T = next_tokens.shape[1]
+    with torch.no_grad():
+        e = torch.nn.functional.embedding(next_tokens, extra["embed_tokens.weight"])
+        x = torch.cat([norm(extra["enorm.weight"])(e), norm(extra["hnorm.weight"])(hidden)], -1) @ extra["eh_proj.weight"].T
+        pos = torch.arange(pos0, pos0 + T)[None]
+        cos_sin = big.model.rotary_emb(x, pos)
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        x = big.model.layers[2](x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+        h = norm(extra["shared_head.norm.weight"])(x)
+        return h @ extra["shared_head.head.weight"].T, h
+
+
+def test_mtp_module_matches_transformers_layer(mtp_setup):
+    big, extra, folder = mtp_setup
+    model = load_model(folder, Dist(), dtype=torch.float32, max_seq_len=64)
+    assert model.has_mtp and model.mtp.embed_tokens is not None and model.mtp.shared_head.head is not None
+    ids = torch.randint(0, big.config.vocab_size, (1, 41), generator=torch.Generator().manual_seed(3))
+    _, hidden = model(ids[:, :-1], torch.zeros(1, dtype=torch.long))
+    logits, h = model.mtp_forward(hidden, ids[:, 1:], torch.zeros(1, dtype=torch.long))
+    ref_logits, ref_h = mtp_reference(big, extra, hidden, ids[:, 1:], 0)
+    assert rel_err(logits, ref_logits) <= TOL
+    # incremental MTP over its own cache equals the full pass
+    model.mtp_forward(hidden[:, :25], ids[:, 1:26], torch.zeros(1, dtype=torch.long))
+    step, _ = model.mtp_forward(hidden[:, 25:], ids[:, 26:], torch.tensor([25]))
+    assert rel_err(step, logits[:, 25:]) < 1e-5
+    # a second draft step feeds the module its own hidden state at positions 1..; position 0 of
+    # its cache still holds the first step's entry, so the reference sees that input there
+    logits2, _ = model.mtp_forward(h[:, :-1], ids[:, 2:], torch.tensor([1]))
+    ref2, _ = mtp_reference(big, extra, torch.cat([hidden[:, :1], ref_h[:, :-1]], 1), ids[:, 1:], 0)
+    assert rel_err(logits2, ref2[:, 1:]) <= TOL
