@@ -124,6 +124,24 @@ def dequantize_weight_ref(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype =
     return p.to(dtype)  # exact: p is representable
 
 
+def fp8_gemm_ref(a_q: torch.Tensor, a_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
+    """float64 reference of the block-scaled FP8 GEMM: a_q [..., k] with 1x128 scales a_s
+    [..., ceil(k/128)], w_q [n, k] with 128x128 scales w_s -> float64 [..., n]. Each 128-wide
+    k block's partial product is exact in float64 before its two scales are applied."""
+    k = a_q.shape[-1]
+    n = w_q.shape[0]
+    table = _code_values_ref()
+    a = table[a_q.reshape(-1, k).view(torch.uint8).long()]  # [m, k]
+    w = table[w_q.view(torch.uint8).long()]  # [n, k]
+    a_scale = a_s.reshape(-1, a_s.shape[-1]).to(torch.float64)  # [m, kb]
+    w_scale = w_s.to(torch.float64).repeat_interleave(BLOCK, 0)[:n]  # [n, kb]
+    out = torch.zeros(a.shape[0], n, dtype=torch.float64)
+    for b, k0 in enumerate(range(0, k, BLOCK)):
+        part = a[:, k0 : k0 + BLOCK] @ w[:, k0 : k0 + BLOCK].T  # [m, n]
+        out += part * a_scale[:, b : b + 1] * w_scale[:, b][None, :]
+    return out.view(*a_q.shape[:-1], n)
+
+
 def _code_values_ref() -> torch.Tensor:
     """The value of each of the 256 E4M3FN codes, from the bit layout (1 sign, 4 exponent bits
     with bias 7, 3 mantissa bits; S.1111.111 is NaN; no infinities)."""
