@@ -477,7 +477,7 @@ def _fetch_file(snap: Snapshot, f: RemoteFile, local_dir: Path, on_bytes, stop: 
 
 class _Mismatch(Exception):
     def __init__(self, path: str, got: str, want: str):
-        super().__init__(f"{path}: content hash {got[:12]}… does not match the hub's {want[:12]}…")
+        super().__init__(f"content hash {got[:12]}… does not match the hub's {want[:12]}…")
         self.path = path
 
 
@@ -521,6 +521,12 @@ def fetch(plan: Plan, *, workers: int = 8) -> FetchStats:
     with progress_bar() as progress:
         task = progress.add_task(f"{snap.repo_id}", total=total)
 
+        def grow(n: int) -> None:  # more bytes than planned: a file on disk or a first attempt was bad
+            nonlocal total
+            with lock:
+                total += n
+                progress.update(task, total=total)
+
         def advance(n: int) -> None:
             progress.advance(task, n)
             with lock:
@@ -537,11 +543,12 @@ def fetch(plan: Plan, *, workers: int = 8) -> FetchStats:
                     with lock:
                         stats.skipped.append(f.path)
                     return
-                progress.update(task, total=progress.tasks[0].total + f.size)
+                grow(f.size)
             try:
                 try:
                     _fetch_file(snap, f, local_dir, advance, stop)
                 except _Mismatch:
+                    grow(f.size)
                     _fetch_file(snap, f, local_dir, advance, stop)  # one fresh attempt from byte 0
             except _Mismatch as e:
                 raise DsvError(f"{local_dir / f.path}: {e} after downloading it twice; the hub or a proxy serves "
