@@ -72,19 +72,17 @@ def _split(names: list[str], sizes: dict[str, int], n: int, fp8: bool) -> list[l
     its scale, so the scale lives in the next shard (loaders must go through the index)."""
     if n > len(names):
         raise DsvError(f"--shards {n}: more shards than tensors ({len(names)})")
-    total = sum(sizes.values())
-    cuts, acc = [], 0
-    for j, name in enumerate(names):
-        if len(cuts) < n - 1 and acc >= total * (len(cuts) + 1) / n and j > (cuts[-1] if cuts else 0):
-            cuts.append(j)
-        acc += sizes[name]
-    while len(cuts) < n - 1:  # tiny tensors at the end: cut the last ones off one by one
-        cuts.append(len(names) - (n - 1 - len(cuts)))
-        cuts = sorted(set(cuts))
+    cum = [0]
+    for name in names:
+        cum.append(cum[-1] + sizes[name])  # cum[j] = bytes before names[j]
+    cuts: list[int] = []
+    for k in range(1, n):
+        lo = (cuts[-1] if cuts else 0) + 1
+        hi = len(names) - (n - k)  # leave at least one tensor for each later shard
+        cuts.append(next((j for j in range(lo, hi + 1) if cum[j] >= cum[-1] * k / n), hi))
     if fp8 and n >= 2:
-        lo = 1
         hi = cuts[1] if len(cuts) > 1 else len(names)
-        best = [j for j in range(lo, hi) if names[j] == scale_name(names[j - 1]) and is_fp8_weight(names[j - 1])]
+        best = [j for j in range(1, hi) if names[j] == scale_name(names[j - 1]) and is_fp8_weight(names[j - 1])]
         if best:
             cuts[0] = min(best, key=lambda j: abs(j - cuts[0]))
     bounds = [0, *cuts, len(names)]
@@ -109,7 +107,7 @@ def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int 
     size = bf16_bytes(cfg)
     if size > MAX_BYTES:
         raise DsvError(
-            f"preset {preset}: {size / 1e9:.1f} GB of weights; dsv3 tiny makes checkpoints up to "
+            f"{'preset ' + preset if config is None else 'config'}: {size / 1e9:.1f} GB of weights; dsv3 tiny makes checkpoints up to "
             f"{MAX_BYTES / 1e9:.1f} GB. Use a smaller preset such as tiny"
         )
     out = Path(out)
