@@ -96,26 +96,28 @@ def load_model(
             head=ck.has(f"model.layers.{N}.shared_head.head.weight"),
         )
 
-    targets = model.state_dict(keep_vars=True)
+    # Check every name before reading anything: a missing tensor should not cost a full load.
+    plan: list[tuple[str, torch.Tensor]] = []
     missing: list[str] = []
-    for i, (key, t) in enumerate(targets.items()):
+    for key, t in model.state_dict(keep_vars=True).items():
         name = hf_name(key, N)
         if name == "lm_head.weight" and not ck.has(name) and cfg.tie_word_embeddings:
             name = "model.embed_tokens.weight"
         weight = name[: -len(SCALE)] if name.endswith(SCALE) else name
         if not ck.has(name) or not ck.has(weight):
             missing.append(name)
-            continue
-        with torch.no_grad():
-            t.copy_(_read(ck, name, t, dist).to(device=t.device, dtype=t.dtype))
-        if progress is not None:
-            progress(i + 1, len(targets))
+        plan.append((name, t))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise DsvError(
             f"{ck.path}: missing tensors {', '.join(missing[:5])}{more}; the checkpoint is incomplete "
             "or not of this config (run dsv3 verify)"
         )
+    with torch.no_grad():
+        for i, (name, t) in enumerate(plan):
+            t.copy_(_read(ck, name, t, dist).to(device=t.device, dtype=t.dtype))
+            if progress is not None:
+                progress(i + 1, len(plan))
     return model
 
 

@@ -95,7 +95,7 @@ class MLA(nn.Module):
         self.nope, self.rope, self.vdim, self.c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
         self.impl = "absorb"
-        kw = dict(dtype=dtype, fp8=cfg.is_fp8, scratch=scratch)
+        kw = dict(dtype=dtype, fp8=cfg.is_fp8, scratch=scratch, scale_fmt=cfg.scale_fmt)
         qk = self.nope + self.rope
         if cfg.q_lora_rank:
             self.q_a_proj = Linear(D, cfg.q_lora_rank, **kw)
@@ -256,7 +256,7 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, dist: Dist, layer_idx: int, *, dtype, scratch, max_batch_size, max_seq_len):
         super().__init__()
-        kw = dict(dtype=dtype, fp8=cfg.is_fp8, scratch=scratch)
+        kw = dict(dtype=dtype, fp8=cfg.is_fp8, scratch=scratch, scale_fmt=cfg.scale_fmt)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg, dist, dtype=dtype, scratch=scratch, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

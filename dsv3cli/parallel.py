@@ -129,23 +129,24 @@ class Scratch:
         return buf[:n].view(shape)
 
 
-def _dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
-    try:
-        from .fp8 import dequantize_weight
-    except ImportError:  # TEMPORARY until dsv3cli/fp8.py lands
-        o, i = q.shape
-        full = s.repeat_interleave(BLOCK, 0)[:o].repeat_interleave(BLOCK, 1)[:, :i]
-        return torch.mul(q.to(torch.float32), full, out=out) if dtype == torch.float32 else out.copy_(q.float() * full)
+def fp8_linear_kernel(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, scale_fmt: str = "e4m3") -> torch.Tensor:
+    """y = x Wᵀ with W = (q, s): activations quantized per token per 128 channels, then the
+    Triton block-scaled FP8 GEMM (the CUDA path; runs on CPU tensors under TRITON_INTERPRET=1)."""
+    from dsv3_kernels.fp8 import act_quant, fp8_gemm  # Triton: imported only when used
+
+    xq, xs = act_quant(x, scale_fmt)  # [..., K] fp8, [..., ceil(K/128)] float32
+    return fp8_gemm(xq, xs, q, s, out_dtype=x.dtype)
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+    """The FP8 weight (q, s) in `dtype`, written into `out` (the fast CPU path, or Triton on CUDA)."""
+    if q.is_cuda:
+        from dsv3_kernels.fp8 import weight_dequant
+
+        return out.copy_(weight_dequant(q, s, dtype))
+    from .fp8 import dequantize_weight
+
     return dequantize_weight(q, s, dtype, out=out)
-
-
-def _cuda_fp8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
-    """The Triton act-quant + block-scaled FP8 GEMM, or None when the kernels are not available."""
-    try:
-        from dsv3_kernels.fp8_gemm import fp8_linear  # the FP8 helper's kernel entry point
-    except ImportError:
-        return None
-    return fp8_linear(x, q, s)
 
 
 class Linear(nn.Module):
@@ -165,8 +166,10 @@ class Linear(nn.Module):
         scratch: Scratch | None = None,
         rows: tuple[int, int] | None = None,
         cols: tuple[int, int] | None = None,
+        scale_fmt: str = "e4m3",
     ):
         super().__init__()
+        self.scale_fmt = scale_fmt
         rows = rows or (0, out_features)
         cols = cols or (0, in_features)
         self.out_features, self.in_features = rows[1] - rows[0], cols[1] - cols[0]
@@ -193,16 +196,16 @@ class Linear(nn.Module):
         if not self.is_fp8:
             return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
         buf = self.scratch.get(tuple(self.weight.shape), dtype, self.weight.device)
-        w = _dequantize(self.weight, self.weight_scale_inv, dtype, buf)
+        w = dequantize(self.weight, self.weight_scale_inv, dtype, buf)
         return w[self.row_off : self.row_off + self.out_features, self.col_off : self.col_off + self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_fp8:
             return F.linear(x, self.weight)
-        if x.is_cuda and self.row_off == self.col_off == 0 and tuple(self.weight.shape) == (self.out_features, self.in_features):
-            y = _cuda_fp8_linear(x, self.weight, self.weight_scale_inv)
-            if y is not None:
-                return y
+        whole = self.row_off == self.col_off == 0 and tuple(self.weight.shape) == (self.out_features, self.in_features)
+        if x.is_cuda and whole:
+            return fp8_linear_kernel(x, self.weight, self.weight_scale_inv, self.scale_fmt)
+        # CPU (and block-padded tensor-parallel parts): one weight at a time through scratch
         return F.linear(x, self.dense_weight(x.dtype))
 
 

@@ -315,3 +315,25 @@ def test_mtp_module_matches_transformers_layer(mtp_setup):
     logits2, _ = model.mtp_forward(h[:, :-1], ids[:, 2:], torch.tensor([1]))
     ref2, _ = mtp_reference(big, extra, torch.cat([hidden[:, :1], ref_h[:, :-1]], 1), ids[:, 1:], 0)
     assert rel_err(logits2, ref2[:, 1:]) <= TOL
+
+
+def test_fp8_kernel_linear_computes_the_block_scaled_product():
+    """The CUDA path of an FP8 Linear (act-quant + Triton GEMM), run in the Triton interpreter:
+    equal to the float64 product of the quantized activations and the dequantized weight."""
+    pytest.importorskip("triton")
+    from dsv3_kernels.fp8 import act_quant
+
+    from dsv3cli.fp8 import dequantize_weight, quantize_weight
+    from dsv3cli.parallel import fp8_linear_kernel
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(200, 300, generator=g) / 300**0.5  # ragged blocks on both sides
+    x = torch.randn(3, 5, 300, generator=g)
+    q, s = quantize_weight(w)
+    y = fp8_linear_kernel(x, q, s)
+    xq, xs = act_quant(x)
+    xd = xq.double() * xs.double().repeat_interleave(128, -1)[..., :300]
+    ref = xd @ dequantize_weight(q, s, torch.float32).double().T
+    assert y.shape == (3, 5, 200) and y.dtype == torch.float32
+    assert rel_err(y, ref) < 1e-5
+    assert rel_err(y, x @ w.T) < 0.1  # and it is a product with these weights at all

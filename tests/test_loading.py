@@ -1,0 +1,133 @@
+"""load_model reads only this rank's slices, keeps FP8 as FP8, and names what is missing or wrong.
+
+Reads are counted through a `Checkpoint` subclass that records the bytes of every tensor and
+slice it hands out (the real lazy safetensors reads underneath).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from dsv3cli.checkpoint import Checkpoint
+from dsv3cli.errors import DsvError
+from dsv3cli.loading import SHARDING, load_model, shard_kind
+from dsv3cli.parallel import Dist
+
+
+class CountingCheckpoint(Checkpoint):
+    """A Checkpoint that records how many bytes of each tensor were read."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.read: dict[str, int] = {}
+
+    def _count(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        self.read[name] = self.read.get(name, 0) + t.numel() * t.element_size()
+        return t
+
+    def get(self, name):
+        return self._count(name, super().get(name))
+
+    def get_slice(self, name):
+        sl, outer = super().get_slice(name), self
+
+        class Counted:
+            def __getitem__(self, idx):
+                return outer._count(name, sl[idx])
+
+        return Counted()
+
+
+def _total_bytes(ck: Checkpoint) -> int:
+    return sum(ck.nbytes(n) for n in ck.names())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_reads_only_its_share(tiny_fp8, world):
+    total = _total_bytes(Checkpoint(tiny_fp8))
+    E = 16  # the tiny preset's routed experts
+    seen_experts: list[set[int]] = []
+    for rank in range(world):
+        ck = CountingCheckpoint(tiny_fp8)
+        model = load_model(ck, Dist(rank, world), dtype=torch.bfloat16)
+        experts = {int(m.group(1)) for n in ck.read if (m := re.search(r"\.experts\.(\d+)\.", n))}
+        per = E // world
+        assert experts == set(range(rank * per, (rank + 1) * per)), f"rank {rank} read experts {sorted(experts)}"
+        seen_experts.append(experts)
+        # vocab-split tensors: exactly this rank's rows
+        V, D = model.cfg.vocab_size, model.cfg.hidden_size
+        assert ck.read["model.embed_tokens.weight"] == V // world * D * 2
+        assert ck.read["lm_head.weight"] == V // world * D * 2
+        # the whole read is one rank's share (replicated parts and FP8 block padding included)
+        read = sum(ck.read.values())
+        assert read <= total * (0.6 if world == 2 else 0.4), f"rank {rank}/{world} read {read / total:.0%}"
+        held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        assert abs(held - read) <= 0.01 * read  # memory grows with what was read, not more
+    assert set().union(*seen_experts) == set(range(E))
+
+
+def test_fp8_weights_stay_fp8(tiny_fp8):
+    ck = CountingCheckpoint(tiny_fp8)
+    model = load_model(ck, Dist(), dtype=torch.bfloat16)
+    attn = model.layers[1].self_attn
+    assert attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
+    assert attn.q_b_proj.weight_scale_inv.dtype == torch.float32
+    assert model.layers[1].mlp.experts[0].down_proj.weight.dtype == torch.float8_e4m3fn
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert held <= 1.01 * _total_bytes(ck)  # no high-precision copy of the FP8 weights
+
+
+def test_unaligned_fp8_split_keeps_covering_blocks(tiny_fp8):
+    """q_b_proj has 192 rows: rank 1 of 2 owns rows 96..191, which sit in blocks 0 and 1."""
+    full = load_model(tiny_fp8, Dist(), dtype=torch.float32).layers[0].self_attn.q_b_proj
+    part = load_model(tiny_fp8, Dist(1, 2), dtype=torch.float32).layers[0].self_attn.q_b_proj
+    assert part.weight.shape[0] == 192 and part.row_off == 96 and part.out_features == 96
+    assert torch.equal(part.dense_weight(torch.float32), full.dense_weight(torch.float32)[96:192])
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_tensors_are_named(tiny_bf16, tmp_path):
+    ckpt = _copy(tiny_bf16, tmp_path / "ck")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    gone = ["model.layers.1.mlp.experts.3.up_proj.weight", "model.norm.weight"]
+    for n in gone:
+        del index["weight_map"][n]
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(DsvError) as e:
+        load_model(ckpt, Dist(), dtype=torch.float32)
+    for n in gone:
+        assert n in str(e.value)
+
+
+def test_shape_mismatch_is_named(tiny_bf16, tmp_path):
+    ckpt = _copy(tiny_bf16, tmp_path / "ck")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["moe_intermediate_size"] += 8
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DsvError, match=r"mlp\..*_proj\.weight.*does not match the config"):
+        load_model(ckpt, Dist(), dtype=torch.float32)
+
+
+def test_sharding_table():
+    assert shard_kind("model.embed_tokens.weight") == "vocab"
+    assert shard_kind("model.layers.61.embed_tokens.weight") == "vocab"
+    assert shard_kind("model.layers.61.shared_head.head.weight") == "vocab"
+    assert shard_kind("model.layers.3.self_attn.q_b_proj.weight") == "col"
+    assert shard_kind("model.layers.3.self_attn.o_proj.weight") == "row"
+    assert shard_kind("model.layers.3.mlp.experts.17.down_proj.weight") == "expert"
+    assert shard_kind("model.layers.3.mlp.shared_experts.down_proj.weight") == "row"
+    assert shard_kind("model.layers.0.mlp.gate_proj.weight") == "col"
+    for replicated in ("model.layers.3.mlp.gate.weight", "model.layers.3.self_attn.kv_a_proj_with_mqa.weight",
+                       "model.layers.61.eh_proj.weight", "model.layers.3.mlp.gate.e_score_correction_bias"):
+        assert shard_kind(replicated) == "replicated"
+    assert SHARDING[-1][1] == "replicated"
