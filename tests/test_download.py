@@ -143,6 +143,8 @@ def test_dry_run_lists_sizes_marks_complete_and_writes_nothing(env, tiny_fp8, tm
 
     r = dsv3("download", "--local-dir", out, "--dry-run", "--json")
     plan = json.loads(r.stdout)
+    pinned = dsv3("download", "--local-dir", out, "--dry-run", "--json", "--revision", plan["commit"])
+    assert json.loads(pinned.stdout)["commit"] == plan["commit"] == env.repos[REPO].commit
     sizes = {n: (tiny_fp8 / n).stat().st_size for n in files_of(tiny_fp8)}
     assert {f["path"]: f["size"] for f in plan["files"]} == sizes
     assert plan["total_bytes"] == sum(sizes.values())
@@ -249,7 +251,7 @@ def test_verify_hub_names_a_corrupt_file_and_download_verify_repairs_it(env, tin
     assert json.loads(r.stdout)["summary"]["hub"]["checked"] == len(files_of(tiny_fp8))
 
 
-def test_errors_are_one_clear_line(env, tmp_path):
+def test_errors_are_one_clear_line(env, tmp_path, monkeypatch):
     out = tmp_path / "x"
     one_line_error(dsv3("download", "org/nope", "--local-dir", out), "org/nope", "not found")
     one_line_error(dsv3("download", "--local-dir", out, "--revision", "v9"), "revision 'v9' not found")
@@ -259,6 +261,10 @@ def test_errors_are_one_clear_line(env, tmp_path):
     r = dsv3("download", GATED, "--local-dir", out, "--token", TOKEN, "--only", "mtp")
     assert r.exit_code == 0, r.stderr
     assert (out / "config.json").is_file() and (out / SHARDS[2]).is_file()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # the token from the environment works as well
+    r = dsv3("download", GATED, "--local-dir", tmp_path / "y", "--only", "mtp", "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["gated"] and not (tmp_path / "y").exists()
 
 
 def test_unreachable_hub(env, tmp_path, monkeypatch):
