@@ -158,7 +158,10 @@ class Snapshot:
 def _hub_error(e: BaseException, repo_id: str, revision: str, endpoint: str,
                local_dir: Path | None = None) -> DsvError | None:
     """One line for each way the hub (or the network) can refuse; None for anything else."""
-    import httpx2
+    try:
+        import httpx2 as httpx  # huggingface_hub 2.x
+    except ImportError:
+        import httpx  # huggingface_hub 1.x
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
                                         RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
@@ -183,7 +186,7 @@ def _hub_error(e: BaseException, repo_id: str, revision: str, endpoint: str,
         return DsvError(f"{endpoint}: the hub answered HTTP {status} for {repo_id}; try again later{stays}")
     if isinstance(e, OfflineModeIsEnabled):
         return DsvError(f"{repo_id}: HF_HUB_OFFLINE is set, the hub cannot be reached; unset it to download{stays}")
-    if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)) or "Consistency check failed" in str(e):
+    if isinstance(e, (httpx.TransportError, ConnectionError, TimeoutError)) or "Consistency check failed" in str(e):
         reason = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         return DsvError(f"cannot reach the hub at {endpoint} ({reason}); check the network or HF_ENDPOINT{stays}")
     return None
