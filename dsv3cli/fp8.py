@@ -340,3 +340,412 @@ def dequantize_weight(
     else:
         _run_parallel(njobs, work, default_workers() if workers is None else workers)
     return out
+
+
+# ---------------------------------------------------------------- checkpoint conversion
+
+MANIFEST_NAME = ".dsv3-quantize.json"  # progress of an unfinished conversion; removed at the end
+_MANIFEST_VERSION = 1
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": _FP8}
+_ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", _FP8: "F8_E4M3"}
+_SHARD_METADATA = {"format": "pt"}
+
+
+def free_bytes(path) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent).
+    DSV3_FAKE_FREE_BYTES overrides it (tests, dry runs)."""
+    import shutil
+    from pathlib import Path
+
+    fake = os.environ.get("DSV3_FAKE_FREE_BYTES")
+    if fake is not None:
+        return int(fake)
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+class _Entry:
+    """One output tensor: where it comes from and what it becomes."""
+
+    __slots__ = ("name", "src", "kind", "dtype", "shape", "nbytes", "in_bytes")
+
+    def __init__(self, name, src, kind, dtype, shape, in_bytes):
+        self.name, self.src, self.kind, self.dtype, self.shape = name, src, kind, dtype, tuple(shape)
+        self.nbytes = math.prod(self.shape) * {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4}.get(dtype, 0)
+        self.in_bytes = in_bytes
+
+
+def _shard_header(entries: list[_Entry]) -> bytes:
+    """safetensors header for `entries` in order: compact JSON, padded with spaces so the data
+    starts 8-byte aligned, as safetensors writes it."""
+    import json
+    import struct
+
+    head: dict = {"__metadata__": _SHARD_METADATA}
+    pos = 0
+    for e in entries:
+        head[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
+        pos += e.nbytes
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _plan(ckpt, to: str, scale_fmt: str):
+    """Check the whole input (headers, index, scales) and lay out every output shard:
+    {shard: [entries sorted by name]}. Raises DsvError before anything is written."""
+    from .checkpoint import is_fp8_weight, scale_name
+    from .errors import DsvError
+
+    plan: dict[str, list[_Entry]] = {s: [] for s in ckpt.shards}
+    for name in sorted(ckpt.names()):
+        info = ckpt.info(name)  # reads the shard's header: missing / truncated / LFS / corrupt / absent tensor
+        shard = ckpt.weight_map[name]
+        if name.endswith("_scale_inv"):
+            continue  # handled with its weight
+        if info.dtype == "F8_E4M3":
+            sname = scale_name(name)
+            if not ckpt.has(sname):
+                raise DsvError(f"{shard}: FP8 weight {name} has no {sname}; the checkpoint is incomplete, download it again")
+            want = (_cdiv(info.shape[0], BLOCK), _cdiv(info.shape[1], BLOCK)) if len(info.shape) == 2 else None
+            sinfo = ckpt.info(sname)
+            if want is None or tuple(sinfo.shape) != want or sinfo.dtype != "F32":
+                raise DsvError(
+                    f"{ckpt.weight_map[sname]}: {sname} is {sinfo.dtype}{list(sinfo.shape)}, expected F32{list(want or ())} "
+                    f"for {name} {list(info.shape)}; the checkpoint is corrupt"
+                )
+            if to == "fp8":
+                raise DsvError(f"{shard}: {name} is already FP8; the source mixes formats, convert it to bf16 first")
+            plan[shard].append(_Entry(name, name, "dequant", "BF16", info.shape, info.nbytes + sinfo.nbytes))
+        elif to == "fp8" and is_fp8_weight(name):
+            if info.dtype not in ("BF16", "F16", "F32") or len(info.shape) != 2:
+                raise DsvError(f"{shard}: {name} is {info.dtype}{list(info.shape)}; expected a 2-D BF16/F16/F32 weight to quantize")
+            plan[shard].append(_Entry(name, name, "quant", "F8_E4M3", info.shape, info.nbytes))
+            plan[shard].append(_Entry(scale_name(name), name, "scale", "F32", (_cdiv(info.shape[0], BLOCK), _cdiv(info.shape[1], BLOCK)), 0))
+        else:
+            if info.dtype not in _TORCH_DTYPES and info.dtype not in ("I64", "I32", "I8", "U8", "BOOL", "F64", "I16"):
+                raise DsvError(f"{shard}: {name} has dtype {info.dtype}, which dsv3 quantize does not handle")
+            e = _Entry(name, name, "copy", info.dtype, info.shape, info.nbytes)
+            e.nbytes = info.nbytes
+            plan[shard].append(e)
+    for name in ckpt.names():  # a scale whose weight is not FP8 (or missing) would be dropped silently
+        if name.endswith("_scale_inv"):
+            w = name[: -len("_scale_inv")]
+            if not ckpt.has(w):
+                raise DsvError(f"{ckpt.weight_map[name]}: {name} has no weight {w}; the checkpoint is corrupt")
+            if to == "fp8" and ckpt.info(w).dtype != "F8_E4M3":
+                raise DsvError(f"{ckpt.weight_map[name]}: {name} belongs to a {ckpt.info(w).dtype} weight; the checkpoint mixes formats")
+    for entries in plan.values():
+        entries.sort(key=lambda e: e.name)
+    return plan
+
+
+def _source_format(ckpt) -> str:
+    if ckpt.config.is_fp8 or any(n.endswith("_scale_inv") for n in ckpt.names()):
+        return "fp8"
+    return "bf16"
+
+
+def _fingerprint(path) -> dict:
+    """Identity of an input shard for --resume: size, mtime and a hash of its header."""
+    import hashlib
+    import struct
+
+    st = path.stat()
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(min(n, 1 << 26))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": hashlib.sha256(head).hexdigest()}
+
+
+def _sha256_file(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor):
+    t = t.contiguous()
+    return t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b""
+
+
+def _convert_one(ckpt, e: _Entry, device: str, scale_fmt: str, workers: int | None, pending: dict) -> torch.Tensor:
+    """The output tensor for entry `e` (quantizing a weight also leaves its scale in `pending`)."""
+    from .errors import DsvError
+
+    if e.kind == "copy":
+        return ckpt.get(e.name)
+    if e.kind == "scale":
+        return pending.pop(e.name)
+    w = ckpt.get(e.src)
+    if e.kind == "quant":
+        if device == "cuda":
+            from dsv3_kernels.fp8 import weight_quant
+
+            q, s = weight_quant(w.cuda(), scale_fmt)
+            q, s = q.cpu(), s.cpu()
+        else:
+            q, s = quantize_weight(w, scale_fmt, workers=workers)
+        if not bool(torch.isfinite(s).all()):  # NaN/Inf anywhere in a block makes its scale non-finite
+            raise DsvError(f"{ckpt.weight_map[e.src]}: {e.src} contains NaN or Inf; fix the source weights before quantizing")
+        pending[e.name + "_scale_inv"] = s
+        return q
+    s = ckpt.get(e.src + "_scale_inv")
+    if device == "cuda":
+        from dsv3_kernels.fp8 import weight_dequant
+
+        return weight_dequant(w.cuda(), s.cuda(), torch.bfloat16).cpu()
+    return dequantize_weight(w, s, torch.bfloat16, workers=workers)
+
+
+def _write_shard(path, entries, produce, on_bytes) -> str:
+    """Stream one shard to `path` (atomically): header, then each tensor as it is produced.
+    A writer thread writes and hashes while the next tensor is computed. Returns the sha256."""
+    import hashlib
+    import queue
+    import threading
+
+    from .checkpoint import atomic_output
+
+    q: queue.Queue = queue.Queue(maxsize=2)
+    h = hashlib.sha256()
+    failure: list[BaseException] = []
+
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+
+            def writer() -> None:
+                try:
+                    while (item := q.get()) is not None:
+                        f.write(item)
+                        h.update(item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the producer below
+                    failure.append(exc)
+                    while q.get() is not None:  # drain so the producer never blocks
+                        pass
+
+            t = threading.Thread(target=writer, daemon=True)
+            t.start()
+            try:
+                q.put(_shard_header(entries))
+                for e in entries:
+                    if failure:
+                        break
+                    out = produce(e)
+                    if tuple(out.shape) != e.shape or _ST_DTYPE.get(out.dtype, e.dtype) != e.dtype:
+                        raise AssertionError(f"{e.name}: produced {out.dtype}{list(out.shape)}, planned {e.dtype}{list(e.shape)}")
+                    q.put(_tensor_bytes(out))
+                    on_bytes(e.in_bytes)
+            finally:
+                q.put(None)
+                t.join()
+            if failure:
+                raise failure[0]
+    return h.hexdigest()
+
+
+def convert_checkpoint(
+    src,
+    dst,
+    *,
+    to: str | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    scale_fmt: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Convert the checkpoint folder `src` (BF16/F32 or FP8) to `dst` in the other format
+    (`to` = "fp8" or "bf16"), shard by shard, one tensor at a time.
+
+    The output keeps the shard names, carries the hub's set of FP8 weights with their
+    `weight_scale_inv` in the same shard (or none of them), an index with the right
+    total_size (written last), `quantization_config` added to or removed from config.json,
+    and a copy of every other file. `resume` skips shards finished and verified by an earlier
+    run (a manifest records them) and ends byte-identical to an uninterrupted run.
+    `progress(done_bytes, total_bytes)` is called as input bytes are processed.
+    Returns a summary dict."""
+    import json
+    import re
+    import shutil
+    import time
+    from pathlib import Path
+
+    from .checkpoint import INDEX_NAME, Checkpoint, atomic_output, write_index, write_json
+    from .errors import DsvError, UsageError
+
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise DsvError(f"{src}: not a folder; pass a checkpoint folder")
+    s_abs, d_abs = src.resolve(), dst.resolve()
+    if d_abs == s_abs or s_abs in d_abs.parents:
+        raise UsageError(f"{dst}: DST is {'SRC itself' if d_abs == s_abs else 'inside SRC'}; choose a folder outside {src}")
+    if resume and force:
+        raise UsageError("--resume and --force: pass one of them")
+    if to not in (None, "fp8", "bf16"):
+        raise UsageError(f"--to {to}: must be fp8 or bf16")
+    if scale_fmt not in (None, *SCALE_FMTS):
+        raise UsageError(f"--scale-fmt {scale_fmt}: must be e4m3 or ue8m0")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {device}: must be auto, cpu or cuda")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers {workers}: must be at least 1")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise DsvError("--device cuda: no CUDA device is available; use --device cpu")
+
+    ckpt = Checkpoint(src)
+    cfg = ckpt.config  # DsvError for a config.json of another architecture
+    cfg_path = src / "config.json"
+    src_fmt = _source_format(ckpt)
+    to = to or ("bf16" if src_fmt == "fp8" else "fp8")
+    if to == src_fmt:
+        raise UsageError(f"{src}: already {src_fmt}; --to {to} has nothing to do (the other format is {'bf16' if to == 'fp8' else 'fp8'})")
+    if to == "bf16" and scale_fmt is not None:
+        raise UsageError("--scale-fmt applies only with --to fp8")
+    scale_fmt = scale_fmt or "e4m3"
+    plan = _plan(ckpt, to, scale_fmt)
+
+    # DST: must be creatable and writable, and empty unless --resume/--force.
+    if dst.exists() and not dst.is_dir():
+        raise DsvError(f"{dst}: exists and is not a folder; choose another DST")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        probe = dst / f".dsv3-write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DsvError(f"{dst}: not writable ({exc.strerror or exc}); choose a folder you can write to") from None
+    manifest_path = dst / MANIFEST_NAME
+    existing = [p for p in dst.iterdir() if p.name != MANIFEST_NAME]
+    job = {"version": _MANIFEST_VERSION, "src": str(s_abs), "to": to, "scale_fmt": scale_fmt if to == "fp8" else None}
+    manifest: dict = {}
+    if resume and manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = {}
+        if manifest.get("job") != job:
+            raise DsvError(f"{dst}: holds an unfinished conversion with other settings ({manifest.get('job')}); pass --force to start over")
+    elif resume and existing:
+        raise DsvError(f"{dst}: not empty and has no record of an unfinished dsv3 quantize to resume; pass --force to overwrite")
+    elif existing and not force:
+        raise DsvError(f"{dst}: not empty; pass --resume to continue an interrupted run or --force to overwrite")
+    # Nothing at DST may look complete until the end; leftovers of a killed run go.
+    (dst / INDEX_NAME).unlink(missing_ok=True)
+    tmp_re = re.compile(r"^\..+\.tmp\d+$")
+    for p in dst.iterdir():
+        if tmp_re.match(p.name) and p.is_file():
+            p.unlink()
+    if force:
+        manifest_path.unlink(missing_ok=True)
+        for p in dst.glob("model*.safetensors"):
+            if p.name not in plan:
+                p.unlink()
+    done: dict = manifest.get("shards", {}) if manifest else {}
+
+    # Which shards are finished and verified, and what the rest needs on disk.
+    headers = {shard: _shard_header(entries) for shard, entries in plan.items()}
+    sizes = {shard: len(headers[shard]) + sum(e.nbytes for e in entries) for shard, entries in plan.items()}
+    skip = set()
+    for shard, rec in done.items():
+        out = dst / shard
+        if (
+            shard in plan
+            and out.is_file()
+            and out.stat().st_size == sizes[shard] == rec.get("out_size")
+            and rec.get("in") == _fingerprint(src / shard)
+            and _sha256_file(out) == rec.get("out_sha256")
+        ):
+            skip.add(shard)
+    done = {k: v for k, v in done.items() if k in skip}
+    other_files = [
+        p
+        for p in sorted(src.rglob("*"))
+        if p.is_file()
+        and p.name not in plan
+        and p.name != INDEX_NAME
+        and not any(part in (".git", ".cache") for part in p.relative_to(src).parts)
+    ]
+    need = sum(sizes[s] for s in plan if s not in skip) + sum(p.stat().st_size for p in other_files) + (1 << 20)
+    free = free_bytes(dst)
+    if need > free:
+        raise DsvError(f"{dst}: not enough free disk: needs {_human(need)} ({need} bytes), {_human(free)} ({free} bytes) free; free some space or choose another DST")
+
+    # Other files first (config.json rewritten), then the shards, the index last.
+    for p in other_files:
+        rel = p.relative_to(src)
+        out = dst / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(out) as tmp:
+            if rel == Path("config.json"):
+                d = json.loads(cfg_path.read_text(encoding="utf-8"))
+                if to == "fp8":
+                    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]}
+                    if scale_fmt == "ue8m0":
+                        qc["scale_fmt"] = "ue8m0"
+                    d["quantization_config"] = qc
+                else:
+                    d.pop("quantization_config", None)
+                    d["torch_dtype"] = "bfloat16"
+                tmp.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            else:
+                shutil.copyfile(p, tmp)
+
+    total_in = sum(e.in_bytes for entries in plan.values() for e in entries)
+    done_bytes = sum(e.in_bytes for s in skip for e in plan[s])
+    if progress:
+        progress(done_bytes, total_in)
+
+    def on_bytes(n: int) -> None:
+        nonlocal done_bytes
+        done_bytes += n
+        if progress:
+            progress(done_bytes, total_in)
+
+    for shard, entries in plan.items():
+        if shard in skip:
+            continue
+        pending: dict = {}
+        sha = _write_shard(
+            dst / shard, entries, lambda e: _convert_one(ckpt, e, device, scale_fmt, workers, pending), on_bytes
+        )
+        done[shard] = {"in": _fingerprint(src / shard), "out_size": sizes[shard], "out_sha256": sha}
+        write_json(manifest_path, {"job": job, "shards": dict(sorted(done.items()))})
+
+    weight_map = {e.name: shard for shard, entries in plan.items() for e in entries}
+    total_size = sum(e.nbytes for entries in plan.values() for e in entries)
+    if (src / INDEX_NAME).is_file():
+        write_index(dst, weight_map, total_size)
+    manifest_path.unlink(missing_ok=True)
+    return {
+        "src": str(src),
+        "dst": str(dst),
+        "to": to,
+        "scale_fmt": scale_fmt if to == "fp8" else None,
+        "device": device,
+        "shards": len(plan),
+        "shards_skipped": len(skip),
+        "tensors": len(weight_map),
+        "fp8_weights": sum(1 for entries in plan.values() for e in entries if e.dtype == "F8_E4M3"),
+        "input_bytes": total_in,
+        "total_size": total_size,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
