@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -79,8 +80,13 @@ def peer_failures(dist: Dist) -> Iterator[None]:
             raise
         raise DsvError(
             f"rank {dist.rank}: a collective with the other {dist.world_size - 1} process(es) failed "
-            f"(another rank exited or timed out): {str(e).splitlines()[0][:200]}"
+            f"(another rank exited or timed out): {_first_line(e)}"
         ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return re.sub(r"\[[^\]]*\.(cc|cpp|hpp):\d+\]\s*", "", lines[0])[:200]  # drop C++ source locations
 
 
 def _looks_like_peer_failure(e: BaseException) -> bool:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from dsv3cli.loading import load_model  # noqa: E402
 from dsv3cli.parallel import Dist  # noqa: E402
@@ -60,6 +60,18 @@ CONFIGS = {
              rope_parameters={**YARN, "factor": 40.0, "original_max_position_embeddings": 16}),
         70,
     ),
+    # DeepSeek-V2 (transformers' DeepseekV2ForCausalLM): softmax routing, max-per-group group limit
+    "v2_group_limited": (
+        dict(model_type="deepseek_v2", norm_topk_prob=False, q_lora_rank=24, topk_method="group_limited_greedy", routed_scaling_factor=1.7,
+             n_shared_experts=2, max_position_embeddings=128, rope_parameters=YARN),
+        60,
+    ),
+    # DeepSeek-V2-Lite-like: q_proj, plain greedy softmax top-k, no groups
+    "v2_greedy": (
+        dict(model_type="deepseek_v2", norm_topk_prob=False, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+             max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        40,
+    ),
 }
 
 
@@ -80,8 +92,13 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_hf(folder, overrides: dict, seed: int = 0):
-    cfg = DeepseekV3Config(**{**BASE, **overrides})
-    model = DeepseekV3ForCausalLM(cfg).float().eval()
+    overrides = dict(overrides)
+    if overrides.pop("model_type", "deepseek_v3") == "deepseek_v2":
+        kw = {k: v for k, v in {**BASE, **overrides}.items() if k != "rope_interleave"}  # V2 always interleaves
+        model = DeepseekV2ForCausalLM(DeepseekV2Config(**kw))
+    else:
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**BASE, **overrides}))
+    model = model.float().eval()
     randomize(model, seed)
     model.save_pretrained(folder)
     return model
@@ -337,3 +354,24 @@ def test_fp8_kernel_linear_computes_the_block_scaled_product():
     assert y.shape == (3, 5, 200) and y.dtype == torch.float32
     assert rel_err(y, ref) < 1e-5
     assert rel_err(y, x @ w.T) < 0.1  # and it is a product with these weights at all
+
+
+def test_route_observer_sees_every_main_moe_layer(mtp_setup):
+    _, _, folder = mtp_setup
+    model = load_model(folder, Dist(), dtype=torch.float32, max_batch_size=2, max_seq_len=32)
+    calls = []
+    model.route_observer = lambda layer, idx, nobias, valid: calls.append((layer, idx, nobias, valid))
+    tokens = torch.randint(0, 200, (2, 20), generator=torch.Generator().manual_seed(4))
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, 13:] = False
+    _, hidden = model(tokens, torch.zeros(2, dtype=torch.long), valid=valid)
+    assert [c[0] for c in calls] == model.cfg.moe_layers == [1]
+    _, idx, nobias, seen_valid = calls[0]
+    k = model.cfg.num_experts_per_tok
+    assert idx.shape == nobias.shape == (40, k) and torch.equal(seen_valid, valid.reshape(-1))
+    assert not torch.equal(idx.sort(-1).values, nobias.sort(-1).values)  # the bias changes some choices
+    model.mtp_forward(hidden, tokens, torch.zeros(2, dtype=torch.long))
+    assert len(calls) == 1  # the MTP layer is not reported
+    model.route_observer = None
+    model(tokens, torch.zeros(2, dtype=torch.long))
+    assert len(calls) == 1

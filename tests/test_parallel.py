@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from dsv3cli.config import load_preset
 from dsv3cli.errors import DsvError
 from dsv3cli.loading import load_model
 from dsv3cli.model import Transformer
-from dsv3cli.parallel import Dist, init_distributed
+from dsv3cli.parallel import Dist, init_distributed, peer_failures
 
 PROMPTS = [[5, 77, 300, 12, 9, 41, 200, 3, 150, 99, 18], [400, 2, 31, 64, 128, 256]]
 NEW_TOKENS = 8
@@ -96,3 +97,40 @@ def test_world_size_must_divide_heads_and_experts():
         Transformer(cfg, Dist(rank=0, world_size=3), max_seq_len=8)
     with pytest.raises(DsvError, match="n_routed_experts"):
         Transformer(cfg.replace(num_attention_heads=6, n_routed_experts=16), Dist(rank=0, world_size=3), max_seq_len=8)
+
+
+def _dying_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist = init_distributed("cpu", timeout_s=30)
+    model = load_model(ckpt, dist, dtype=torch.float32, max_seq_len=16)
+    if rank == 1:
+        os._exit(3)  # dies without a word, as a crashed or killed rank does
+    start = time.monotonic()
+    try:
+        with peer_failures(dist):
+            for _ in range(50):
+                model(torch.tensor([[1, 2, 3]]), torch.zeros(1, dtype=torch.long))
+        message = "no error"
+    except DsvError as e:
+        message = str(e)
+    with open(out, "w") as f:
+        f.write(f"{time.monotonic() - start:.1f}\n{message}")
+    os._exit(0)
+
+
+def test_a_dead_rank_makes_the_others_fail_clearly(tiny_bf16, tmp_path):
+    out = tmp_path / "rank0.txt"
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_dying_worker, args=(r, 2, port, str(tiny_bf16), str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a rank hung after its peer died")
+    elapsed, message = out.read_text().split("\n", 1)
+    assert "rank 0" in message and "another rank exited or timed out" in message
+    assert float(elapsed) < 30
