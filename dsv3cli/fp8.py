@@ -170,6 +170,20 @@ def _block_scales(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
     return s
 
 
+def _run_inline(n: int, work: Callable[[Sequence[int]], None]) -> None:
+    """Small tensors: this thread, torch single-threaded (OpenMP's fork/join on each small op
+    costs more than the op, and stalls on a busy machine)."""
+    prev = torch.get_num_threads()
+    if prev == 1:
+        work(range(n))
+        return
+    torch.set_num_threads(1)
+    try:
+        work(range(n))
+    finally:
+        torch.set_num_threads(prev)
+
+
 def _run_parallel(n: int, work: Callable[[Sequence[int]], None], workers: int) -> None:
     """Run `work(indices)` over range(n) split round-robin across `workers` threads.
     torch releases the GIL inside its ops, so threads give real parallelism. Each thread keeps
@@ -247,7 +261,7 @@ def _quantize_fast(w: torch.Tensor, br: int, scale_fmt: str, workers: int | None
             q[r0:r1].copy_(x[:, :i])  # float32 -> e4m3, nearest-even
 
     if o * i < _PARALLEL_MIN:
-        work(range(njobs))
+        _run_inline(njobs, work)
     else:
         _run_parallel(njobs, work, default_workers() if workers is None else workers)
     return q, s
@@ -336,7 +350,7 @@ def dequantize_weight(
                 out[r0:r1].copy_(f)  # rounded once to the output dtype
 
     if o * i < _PARALLEL_MIN:
-        work(range(njobs))
+        _run_inline(njobs, work)
     else:
         _run_parallel(njobs, work, default_workers() if workers is None else workers)
     return out
@@ -714,11 +728,18 @@ def convert_checkpoint(
     if progress:
         progress(done_bytes, total_in)
 
+    # Test seam: a real SIGKILL once this many input bytes are done (mid-shard), for --resume tests.
+    kill_at = int(os.environ.get("DSV3_QUANTIZE_KILL_AT", "-1"))
+
     def on_bytes(n: int) -> None:
         nonlocal done_bytes
         done_bytes += n
         if progress:
             progress(done_bytes, total_in)
+        if 0 <= kill_at <= done_bytes:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
     for shard, entries in plan.items():
         if shard in skip:
