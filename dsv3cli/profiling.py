@@ -250,14 +250,18 @@ def unplanned_gpu_loads(load: np.ndarray, gpus: int) -> np.ndarray:
     return np.bincount(default_layout(len(load), gpus), weights=np.asarray(load, np.float64), minlength=gpus)
 
 
-def spread_stats(hist: np.ndarray) -> dict[str, float]:
-    """Mean and max of a span histogram (index = number of groups/nodes spanned)."""
+def spread_stats(hist: np.ndarray, limit: int | None = None) -> dict[str, float]:
+    """Mean and max of a span histogram (index = number of groups/nodes spanned) and, given a
+    limit such as topk_group, the share of tokens that span exactly that many."""
     hist = np.asarray(hist)
     n = hist.sum()
-    if n == 0:
-        return {"mean": 0.0, "max": 0}
-    spans = np.arange(hist.size)
-    return {"mean": float((hist * spans).sum() / n), "max": int(spans[hist > 0].max())}
+    out: dict[str, float] = {"mean": 0.0, "max": 0}
+    if n:
+        spans = np.arange(hist.size)
+        out = {"mean": float((hist * spans).sum() / n), "max": int(spans[hist > 0].max())}
+    if limit is not None:
+        out["at_limit"] = float(hist[limit] / n) if n and limit < hist.size else 0.0
+    return out
 
 
 def layer_metrics(load: np.ndarray, gpus: int, top: int = 3) -> dict[str, Any]:
@@ -457,7 +461,7 @@ def summarize(p: Profile, *, gpus: int, nodes: int, redundant: int) -> dict[str,
         m = layer_metrics(p.counts[i], gpus)
         m["layer"] = layer
         m["balancedness_planned"] = float(plan.after[i])
-        m["group_spread"] = spread_stats(p.group_hist[i])
+        m["group_spread"] = spread_stats(p.group_hist[i], p.topk_group)
         m["node_spread"] = spread_stats(p.node_hist[i])
         if p.counts_nobias is not None:
             m["nobias"] = {"maxvio": maxvio(p.counts_nobias[i]), "cv": cv(p.counts_nobias[i]),
@@ -475,7 +479,7 @@ def summarize(p: Profile, *, gpus: int, nodes: int, redundant: int) -> dict[str,
         "balancedness_mean": avg("balancedness"), "balancedness_min": float(min(m["balancedness"] for m in layers)),
         "balancedness_planned_mean": float(plan.after.mean()),
         "balancedness_planned_min": float(plan.after.min()),
-        "group_spread": spread_stats(p.group_hist.sum(0)), "node_spread": spread_stats(p.node_hist.sum(0)),
+        "group_spread": spread_stats(p.group_hist.sum(0), p.topk_group), "node_spread": spread_stats(p.node_hist.sum(0)),
         "topk_group": p.topk_group, "n_group": p.n_group,
     }
     if p.counts_nobias is not None:

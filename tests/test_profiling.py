@@ -32,6 +32,7 @@ def test_metrics_hand_computed():
     # replicas split an expert's load evenly: expert 0 has three copies of 2
     assert P.gpu_loads(np.array([6, 2]), np.array([0, 0, 1, 0]), 2).tolist() == [4.0, 4.0]
     assert P.spread_stats(np.array([0, 2, 1, 1])) == {"mean": 1.75, "max": 3}
+    assert P.spread_stats(np.array([0, 2, 1, 1]), limit=2)["at_limit"] == 0.25
     m = P.layer_metrics(np.array([5, 9, 1, 7]), gpus=2, top=2)
     assert m["hottest"] == [[1, 9], [3, 7]] and m["coldest"] == [[2, 1], [0, 5]]
     assert m["balancedness"] == pytest.approx(11 / 14)  # GPUs 14 and 8
@@ -168,7 +169,7 @@ def test_summarize_document():
     layers = d["metrics"]["layers"]
     assert layers[0]["maxvio"] == pytest.approx(1.0) and layers[1]["maxvio"] == 0
     assert d["metrics"]["overall"]["maxvio_mean"] == pytest.approx(0.5)
-    assert layers[0]["group_spread"] == {"mean": 1.0, "max": 1}
-    assert layers[1]["group_spread"] == {"mean": 1.5, "max": 2}
+    assert layers[0]["group_spread"] == {"mean": 1.0, "max": 1, "at_limit": 1.0}
+    assert layers[1]["group_spread"] == {"mean": 1.5, "max": 2, "at_limit": 0.5}
     assert layers[0]["balancedness"] == pytest.approx(1.0)  # GPUs {0,1}=4 and {2,3}=4
     assert set(d["plan"]["layers"]) == {"1", "2"}

@@ -1,12 +1,8 @@
 """Route prompts through the model and report per-layer expert load, imbalance, and a replica placement plan.
 
-Counts, per MoE layer, how many tokens each routed expert receives (the actual top-k choices,
-correction bias applied as in inference; padding excluded), then reports MaxVio (max/mean − 1),
-balancedness over the GPUs of an expert-parallel layout (mean/max), coefficient of variation,
-normalised entropy, hottest/coldest experts and how many groups (and nodes) each token's experts
-span against topk_group. The plan replicates the hottest experts (--redundant) and packs them onto
---gpus GPUs in --nodes nodes (hierarchically when groups divide over nodes), with balancedness
-before and after.
+Counts, per MoE layer, how many tokens each routed expert receives (the actual top-k choices, correction bias applied as in inference; padding excluded). Prompts: --prompts FILE (text lines, or JSONL with chat messages; chat template unless --raw), --prompt-ids (repeatable), plus N generated tokens each with --generate N.
+
+Reports MaxVio (max/mean - 1), balancedness (mean/max GPU load) for an expert-parallel layout of --gpus GPUs, coefficient of variation, normalised entropy, hottest/coldest experts, and how many expert groups (and nodes) each token's experts span against topk_group. The plan adds --redundant replicas of the hottest experts and packs them onto the GPUs (hierarchically when the groups divide over --nodes), with balancedness before and after; --out writes counts (JSON, CSV), plan.json (physical-to-logical map per layer) and heatmap.png.
 
 Examples:
 
@@ -171,6 +167,7 @@ def _render(doc: dict[str, Any]) -> None:
               f"{ov['balancedness_planned_mean']:.3f} / {ov['balancedness_planned_min']:.3f}")
     s.add_row(f"groups per token (mean / max; topk_group {ov['topk_group']} of {ov['n_group']})",
               f"{ov['group_spread']['mean']:.2f} / {ov['group_spread']['max']}")
+    s.add_row(f"tokens spanning all topk_group = {ov['topk_group']} groups", f"{ov['group_spread']['at_limit']:.1%}")
     s.add_row(f"nodes per token (mean / max; {lay['nodes']} nodes)", f"{ov['node_spread']['mean']:.2f} / {ov['node_spread']['max']}")
     con.print(s)
     for f in doc.get("files", []):
