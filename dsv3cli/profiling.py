@@ -550,15 +550,16 @@ def heatmap_png(moe_layers: Sequence[int], counts: np.ndarray, title: str) -> by
     rel = counts / np.maximum(counts.mean(1, keepdims=True), 1e-12)  # [L, E]
     L, E = rel.shape
     fig, ax = plt.subplots(figsize=(min(max(6, E / 16 + 2), 20), min(max(3, L * 0.18 + 1.5), 14)), dpi=120)
-    im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest",
-                   vmin=0, vmax=max(2.0, float(rel.max())))
+    # a single very hot expert would wash out the rest: saturate above the 99.5th percentile
+    vmax = max(2.0, float(np.percentile(rel, 99.5)))
+    im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=vmax)
     ax.set_xlabel("routed expert")
     ax.set_ylabel("MoE layer")
     step = max(1, L // 20)
     ax.set_yticks(range(0, L, step))
     ax.set_yticklabels([str(moe_layers[i]) for i in range(0, L, step)])
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="tokens / layer mean")
+    fig.colorbar(im, ax=ax, label="tokens / layer mean", extend="max" if rel.max() > vmax else "neither")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
