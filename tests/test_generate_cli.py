@@ -1,0 +1,155 @@
+"""`dsv3 generate` end to end: prompts as ids, text, text files and chat JSONL; --json; streamed
+text equal to the JSON text; and every kind of bad input (one line, exit 1 or 2), a dying rank
+included."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from dsv3cli.app import app
+from dsv3cli.tokenizer import load_tokenizer
+
+runner = CliRunner()
+FAST = ["--dtype", "float32", "--max-new-tokens", "6", "--max-seq-len", "64"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gen(*args: str):
+    return runner.invoke(app, ["generate", *map(str, args)])
+
+
+def one_error_line(r, code: int, *words: str) -> str:
+    assert r.exit_code == code, (r.exit_code, r.output)
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("Error:"), r.stderr
+    for w in words:
+        assert w in err[0], err[0]
+    return err[0]
+
+
+def test_prompt_ids_json_document(tiny_bf16):
+    r = gen(tiny_bf16, "--prompt-ids", "0,5,6,7", "--prompt-ids", "3, 4", "--json", "--mtp", "2", *FAST)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"outputs", "stats"}
+    assert [o["prompt_ids"] for o in doc["outputs"]] == [[0, 5, 6, 7], [3, 4]]
+    for o in doc["outputs"]:
+        assert set(o) == {"prompt_ids", "generated_ids", "text"}
+        assert 1 <= len(o["generated_ids"]) <= 6 and all(isinstance(t, int) for t in o["generated_ids"])
+        assert isinstance(o["text"], str)
+    s = doc["stats"]
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "peak_rss_mb", "drafted",
+                "accepted", "acceptance_per_position", "tokens_per_forward", "main_forwards"):
+        assert key in s
+    assert s["mtp"] == 2 and len(s["acceptance_per_position"]) == 2
+    line = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(line) == 1 and "decode" in line[0] and "MTP 2" in line[0]
+    # the same ids without MTP: identical greedy tokens
+    r0 = gen(tiny_bf16, "--prompt-ids", "0,5,6,7", "--prompt-ids", "3,4", "--json", "--mtp", "0", *FAST)
+    assert [o["generated_ids"] for o in json.loads(r0.stdout)["outputs"]] == [o["generated_ids"] for o in doc["outputs"]]
+
+
+def test_text_prompt_streams_the_json_text(tiny_bf16):
+    tok = load_tokenizer(tiny_bf16)
+    r = gen(tiny_bf16, "--prompt", "Hello there", "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)["outputs"][0]
+    chat = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hello there"}]))
+    assert out["prompt_ids"] == chat and out["prompt_ids"][0] == tok.bos_id
+    assert out["text"] == tok.decode([t for t in out["generated_ids"] if t not in tok.eos_ids])
+    streamed = gen(tiny_bf16, "--prompt", "Hello there", *FAST)
+    assert streamed.exit_code == 0 and streamed.stdout == out["text"] + "\n"
+    raw = gen(tiny_bf16, "--prompt", "Hello there", "--raw", "--json", *FAST)
+    assert json.loads(raw.stdout)["outputs"][0]["prompt_ids"] == [tok.bos_id] + tok.encode("Hello there")
+
+
+def test_prompt_files_text_and_jsonl(tiny_bf16, tmp_path):
+    tok = load_tokenizer(tiny_bf16)
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("The harbour\n\nA cat walked\n", encoding="utf-8")
+    r = gen(tiny_bf16, "--file", txt, "--json", "--batch-size", "2", *FAST)
+    assert r.exit_code == 0, r.output
+    got = [o["prompt_ids"] for o in json.loads(r.stdout)["outputs"]]
+    assert got == [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in ("The harbour", "A cat walked")]
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
+    jl = tmp_path / "chat.jsonl"
+    jl.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"prompt": "Weather report"}) + "\n")
+    r = gen(tiny_bf16, "--file", jl, "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    got = [o["prompt_ids"] for o in json.loads(r.stdout)["outputs"]]
+    assert got == [tok.encode(tok.apply_chat_template(messages)),
+                   tok.encode(tok.apply_chat_template([{"role": "user", "content": "Weather report"}]))]
+    # batch of 3 prompts, printed in order without --json: three blocks
+    r = gen(tiny_bf16, "--file", txt, "--prompt-ids", "1,2", "--batch-size", "3", *FAST)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("\n\n") == 3
+
+
+def _without(src: Path, dst: Path, drop_file: str | None = None, drop_tensor: str | None = None) -> Path:
+    """A copy of a checkpoint without one file or one tensor (removed from its shard and the index)."""
+    shutil.copytree(src, dst)
+    if drop_file:
+        (dst / drop_file).unlink()
+    if drop_tensor:
+        index = json.loads((dst / "model.safetensors.index.json").read_text())
+        shard = dst / index["weight_map"].pop(drop_tensor)
+        ts = load_file(shard)
+        del ts[drop_tensor]
+        save_file(ts, shard, metadata={"format": "pt"})
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_bad_input_one_line(tiny_bf16, tmp_path):
+    one_error_line(gen(tiny_bf16, "--prompt-ids", "1,2,3,4", "--max-seq-len", "4"), 2, "--max-seq-len", "prompt 1")
+    one_error_line(gen(tiny_bf16, "--prompt-ids", "0,512"), 2, "512", "vocabulary")
+    one_error_line(gen(tiny_bf16, "--prompt-ids", "1,x"), 2, "--prompt-ids")
+    one_error_line(gen(tiny_bf16, "--prompt-ids", "1", "--nproc", "3"), 1, "world size 3")
+    one_error_line(gen(tiny_bf16, "--prompt-ids", "1", "--top-p", "0"), 2, "--top-p")
+    one_error_line(gen(tiny_bf16), 2, "no prompt")  # stdin is not a terminal here
+    one_error_line(gen(tmp_path / "nowhere", "--prompt-ids", "1"), 1, "nowhere")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"oops": 1}\n')
+    one_error_line(gen(tiny_bf16, "--file", bad), 1, "bad.jsonl:2")
+    if not torch.cuda.is_available():
+        one_error_line(gen(tiny_bf16, "--prompt-ids", "1", "--device", "cuda"), 1, "CUDA")
+
+    no_tok = _without(tiny_bf16, tmp_path / "no_tok", drop_file="tokenizer.json")
+    one_error_line(gen(no_tok, "--prompt", "hello"), 1, "tokenizer.json", "--prompt-ids")
+    r = gen(no_tok, "--prompt-ids", "1,2,3", *FAST)  # ids need no tokenizer: ids are printed
+    assert r.exit_code == 0 and all(t.isdigit() for t in r.stdout.split()), r.output
+
+    name = "model.layers.1.mlp.gate.weight"
+    missing = _without(tiny_bf16, tmp_path / "missing", drop_tensor=name)
+    one_error_line(gen(missing, "--prompt-ids", "1,2", *FAST), 1, name)
+
+
+def test_a_dying_rank_stops_the_others(tiny_bf16):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_TEST_DIE_RANK="1", DSV3_RANK_GRACE_S="5")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "dsv3cli.app", "generate", str(tiny_bf16), "--prompt-ids", "1,2,3",
+                        "--nproc", "2", *FAST], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: rank 1 of 2 exited with code 3") and "stopped the other ranks" in last, r.stderr
+    assert time.monotonic() - t0 < 90
+    assert r.stdout == ""
