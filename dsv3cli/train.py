@@ -321,12 +321,15 @@ def training_forward(model, tokens):
     B, T = tokens.shape
     for m in model.modules():
         if isinstance(m, MLA):
-            m.kv_cache = torch.zeros_like(m.kv_cache)
-            m.pe_cache = torch.zeros_like(m.pe_cache)
+            for name, buf in list(m.named_buffers(recurse=False)):
+                if name.endswith("cache"):
+                    setattr(m, name, torch.zeros_like(buf))
     start = torch.zeros(B, dtype=torch.long)
-    logits, hidden = type(model).forward.__wrapped__(model, tokens, start)  # [B,T,V], [B,T,D]
+    forward = getattr(type(model).forward, "__wrapped__", type(model).forward)
+    mtp_forward = getattr(type(model).mtp_forward, "__wrapped__", type(model).mtp_forward)
+    logits, hidden = forward(model, tokens, start)  # [B,T,V], [B,T,D]
     # MTP at position i: h_i (final-normed) with t_{i+1}, predicting t_{i+2}.
-    mtp_logits, _ = type(model).mtp_forward.__wrapped__(model, hidden[:, :-1], tokens[:, 1:], start)  # [B,T-1,V]
+    mtp_logits, _ = mtp_forward(model, hidden[:, :-1], tokens[:, 1:], start)  # [B,T-1,V]
     return logits, mtp_logits
 
 
@@ -369,7 +372,7 @@ def update_bias(calls, gamma: float) -> list[float]:
 @dataclass
 class TrainSettings:
     seed: int = 0
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
@@ -381,7 +384,7 @@ class TrainSettings:
     # needs a larger step for the bias to matter at all.
     gamma: float = 0.01
     threads: int = 1  # one thread: the same bits on any machine, and no thread thrash on a busy one
-    n_docs: int = 40000  # corpus documents (the stream is reshuffled when the steps need more)
+    n_docs: int = 20000  # corpus documents (the stream is reshuffled when the steps need more)
     tokenizer_docs: int = 4000  # documents the BPE is trained on
     vocab_size: int = VOCAB_SIZE
     config: dict = field(default_factory=dict)  # overrides of MINI_CONFIG

@@ -51,18 +51,30 @@ def test_a_few_steps_decrease_the_losses(trained):
     assert sum(r["mtp"] for r in h[-3:]) / 3 < sum(r["mtp"] for r in h[:3]) / 3 - 1.0
 
 
-def test_training_forward_matches_the_inference_forward(trained):
-    """The MTP loss trains exactly what mtp_forward computes at inference: h_p final-normed,
-    paired with t_{p+1}."""
-    s, res = trained
+def test_training_forward_matches_incremental_decoding(trained):
+    """The losses train what decoding computes: the full-sequence training forward (naive
+    attention, no cache history) equals token-by-token decoding through the latent cache
+    (absorbed attention), for the main model and for the MTP module (h_p paired with t_{p+1})."""
+    _, res = trained
     model = res.model
-    tokens = torch.randint(0, res.cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    T = 12
+    tokens = torch.randint(0, res.cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits, mtp_logits = train.training_forward(model, tokens)
-        ref_logits, hidden = model.forward(tokens, torch.zeros(2, dtype=torch.long))
-        ref_mtp, _ = model.mtp_forward(hidden[:, :-1], tokens[:, 1:], torch.zeros(2, dtype=torch.long))
-    torch.testing.assert_close(logits, ref_logits)
-    torch.testing.assert_close(mtp_logits, ref_mtp)
+        logits, mtp_logits = train.training_forward(model, tokens)  # [2,T,V], [2,T-1,V]
+        model.attn_impl = "absorb"
+        try:
+            steps, hs, msteps = [], [], []
+            for t in range(T):
+                lg, h = model.forward(tokens[:, t : t + 1], torch.full((2,), t))
+                steps.append(lg)
+                hs.append(h)
+            for t in range(T - 1):
+                lg, _ = model.mtp_forward(hs[t], tokens[:, t + 1 : t + 2], torch.full((2,), t))
+                msteps.append(lg)
+        finally:
+            model.attn_impl = "naive"
+    torch.testing.assert_close(logits, torch.cat(steps, 1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mtp_logits, torch.cat(msteps, 1), atol=1e-4, rtol=1e-4)
 
 
 def test_balance_loss_of_balanced_and_skewed_routing():
