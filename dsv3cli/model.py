@@ -47,9 +47,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight).to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
 
 
 # ---- rotary embedding ---------------------------------------------------------------------------
@@ -107,9 +105,9 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.c, cfg.rms_norm_eps)
         self.kv_b_proj = ColumnParallelLinear(self.c, nh * (self.nope + self.vdim), dist, **kw)
         self.o_proj = RowParallelLinear(nh * self.vdim, D, dist, **kw)
+        # One latent cache: per position the normalised latent (C) then the roped key (R).
         # Zeros, not empty: masked-out slots are multiplied by 0 and must not hold NaN.
-        self.register_buffer("kv_cache", torch.zeros(max_batch_size, max_seq_len, self.c, dtype=dtype), persistent=False)
-        self.register_buffer("pe_cache", torch.zeros(max_batch_size, max_seq_len, self.rope, dtype=dtype), persistent=False)
+        self.register_buffer("kv_cache", torch.zeros(max_batch_size, max_seq_len, self.c + self.rope, dtype=dtype), persistent=False)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -125,19 +123,20 @@ class MLA(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.c, self.rope], dim=-1)  # [B,T,C], [B,T,R]
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
         rows = torch.arange(B, device=x.device).unsqueeze(1)  # [B,1]
-        self.kv_cache[rows, pos] = self.kv_a_layernorm(latent)
-        self.pe_cache[rows, pos] = k_pe
-        kv, pe = self.kv_cache[:B, :S], self.pe_cache[:B, :S]  # [B,S,C], [B,S,R]
+        self.kv_cache[rows, pos] = torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1)
+        cache = self.kv_cache[:B, :S]  # [B,S,C+R]
+        kv = cache[..., : self.c]  # [B,S,C]
 
         if self.impl == "naive":
             k_nope, v = self.kv_b_proj(kv).view(B, S, self.h, -1).split([self.nope, self.vdim], dim=-1)
-            scores = torch.einsum("bthd,bshd->bths", q_nope, k_nope)
+            scores = torch.einsum("bthd,bshd->bths", q_nope * self.scale, k_nope)
+            scores += torch.einsum("bthr,bsr->bths", q_pe * self.scale, cache[..., self.c :])
         else:
             w = self.kv_b_proj.dense_weight(x.dtype).view(self.h, self.nope + self.vdim, self.c)
             q_abs = torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope])  # [B,T,H,C]
-            scores = torch.einsum("bthc,bsc->bths", q_abs, kv)
-        scores = (scores + torch.einsum("bthr,bsr->bths", q_pe, pe)) * self.scale  # [B,T,H,S]
-        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+            # [q_abs | q_pe] . [latent | k_pe]: both score terms in one product over the cache
+            scores = torch.einsum("bthc,bsc->bths", torch.cat([q_abs, q_pe], dim=-1) * self.scale, cache)
+        scores.masked_fill_(~mask.unsqueeze(2), float("-inf"))  # [B,T,H,S]
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
         if self.impl == "naive":
             out = torch.einsum("bths,bshd->bthd", probs, v)
