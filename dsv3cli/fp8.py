@@ -229,7 +229,9 @@ def _block_amax(x: torch.Tensor, br: int, nc: int) -> torch.Tensor:
     return m.view(x.dtype).to(torch.float32)
 
 
-def _quantize_fast(w: torch.Tensor, br: int, scale_fmt: str, workers: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_fast(
+    w: torch.Tensor, br: int, scale_fmt: str, workers: int | None, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """w [o, i] (float32/bfloat16/float16) -> (q [o, i], s [ceil(o/br), ceil(i/128)]); br = 128 or 1."""
     _check_fmt(scale_fmt)
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -237,7 +239,7 @@ def _quantize_fast(w: torch.Tensor, br: int, scale_fmt: str, workers: int | None
     o, i = w.shape
     nr, nc = _cdiv(o, br), _cdiv(i, BLOCK)
     ip = nc * BLOCK
-    q = torch.empty(o, i, dtype=_FP8)
+    q = torch.empty(o, i, dtype=_FP8) if out is None else out
     s = torch.empty(nr, nc, dtype=torch.float32)
     # A job is one 128-row block of a weight, or a bunch of rows of activations.
     rows_per_job = br if br > 1 else max(1, _CHUNK // max(ip, 1))
@@ -267,12 +269,17 @@ def _quantize_fast(w: torch.Tensor, br: int, scale_fmt: str, workers: int | None
     return q, s
 
 
-def quantize_weight(w: torch.Tensor, scale_fmt: str = "e4m3", *, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    w: torch.Tensor, scale_fmt: str = "e4m3", *, workers: int | None = None, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """w [o, i] -> (q float8_e4m3fn [o, i], s float32 [ceil(o/128), ceil(i/128)]) on the CPU,
-    bit-identical to `quantize_weight_ref`. Non-finite weights give non-finite scales."""
+    bit-identical to `quantize_weight_ref`; q is written into `out` (contiguous, [o, i]) when
+    given. Non-finite weights give non-finite scales."""
     if w.dim() != 2:
         raise ValueError(f"quantize_weight expects a 2-D weight, got shape {tuple(w.shape)}")
-    return _quantize_fast(w.contiguous(), BLOCK, scale_fmt, workers)
+    if out is not None and (out.dtype != _FP8 or tuple(out.shape) != tuple(w.shape) or not out.is_contiguous()):
+        raise ValueError("out must be a contiguous float8_e4m3fn tensor of the weight's shape")
+    return _quantize_fast(w.contiguous(), BLOCK, scale_fmt, workers, out)
 
 
 def act_quant(x: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
@@ -492,80 +499,135 @@ def _sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def _tensor_bytes(t: torch.Tensor):
-    t = t.contiguous()
-    return t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b""
+class _Source:
+    """Reads one input shard's tensors straight into a reusable buffer (plain reads, no mmap:
+    the page cache is not charged to this process and no fresh pages fault in per tensor)."""
+
+    def __init__(self, ckpt, shard: str):
+        import struct
+
+        self.ckpt, self.shard = ckpt, shard
+        self.f = open(ckpt.path / shard, "rb", buffering=0)
+        (n,) = struct.unpack("<Q", self.f.read(8))
+        self.base = 8 + n
+        self.header = ckpt.header(shard)
+
+    def read(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        """The tensor `name` of this shard, as a view of `buf`."""
+        from .errors import DsvError
+
+        info = self.header[name]
+        n = info.end - info.start
+        view = buf[:n]
+        self.f.seek(self.base + info.start)
+        got = self.f.readinto(view.numpy()) if n else 0
+        if got != n:
+            raise DsvError(f"{self.shard}: truncated while reading {name}; download it again")
+        return view.view(_TORCH_DTYPES[info.dtype]).view(info.shape) if info.dtype in _TORCH_DTYPES else view
+
+    def close(self) -> None:
+        self.f.close()
 
 
-def _convert_one(ckpt, e: _Entry, device: str, scale_fmt: str, workers: int | None, pending: dict) -> torch.Tensor:
-    """The output tensor for entry `e` (quantizing a weight also leaves its scale in `pending`)."""
+def _produce(ckpt, src: _Source, e: _Entry, buf: torch.Tensor, in_buf: torch.Tensor, device: str,
+             scale_fmt: str, workers: int | None, pending: dict) -> int:
+    """Write entry `e`'s output bytes into `buf`; returns how many. Quantizing a weight leaves
+    its scale in `pending` for the entry that follows it."""
     from .errors import DsvError
 
     if e.kind == "copy":
-        return ckpt.get(e.name)
+        src.read(e.name, buf)
+        return e.nbytes
     if e.kind == "scale":
-        return pending.pop(e.name)
-    w = ckpt.get(e.src)
+        s = pending.pop(e.name)
+        buf[: e.nbytes].view(torch.float32).copy_(s.reshape(-1))
+        return e.nbytes
+    w = src.read(e.src, in_buf)
+    out = buf[: e.nbytes].view(_TORCH_DTYPES[e.dtype]).view(e.shape)
     if e.kind == "quant":
         if device == "cuda":
             from dsv3_kernels.fp8 import weight_quant
 
             q, s = weight_quant(w.cuda(), scale_fmt)
-            q, s = q.cpu(), s.cpu()
+            out.copy_(q)
+            s = s.cpu()
         else:
-            q, s = quantize_weight(w, scale_fmt, workers=workers)
+            _, s = quantize_weight(w, scale_fmt, workers=workers, out=out)
         if not bool(torch.isfinite(s).all()):  # NaN/Inf anywhere in a block makes its scale non-finite
-            raise DsvError(f"{ckpt.weight_map[e.src]}: {e.src} contains NaN or Inf; fix the source weights before quantizing")
+            raise DsvError(f"{src.shard}: {e.src} contains NaN or Inf; fix the source weights before quantizing")
         pending[e.name + "_scale_inv"] = s
-        return q
-    s = ckpt.get(e.src + "_scale_inv")
+        return e.nbytes
+    s = ckpt.get(e.src + "_scale_inv")  # through the index: it may sit in another shard
     if device == "cuda":
         from dsv3_kernels.fp8 import weight_dequant
 
-        return weight_dequant(w.cuda(), s.cuda(), torch.bfloat16).cpu()
-    return dequantize_weight(w, s, torch.bfloat16, workers=workers)
+        out.copy_(weight_dequant(w.cuda(), s.cuda(), torch.bfloat16))
+    else:
+        dequantize_weight(w, s, torch.bfloat16, out=out, workers=workers)
+    return e.nbytes
 
 
-def _write_shard(path, entries, produce, on_bytes) -> str:
-    """Stream one shard to `path` (atomically): header, then each tensor as it is produced.
-    A writer thread writes and hashes while the next tensor is computed. Returns the sha256."""
+_SYNC_EVERY = 1 << 26  # flush written data every 64 MB, in the writer thread, so the final fsync is short
+
+
+def _write_shard(path, header: bytes, entries, produce, on_bytes, bufs: list) -> str:
+    """Stream one shard to `path` (atomically): header, then each tensor as it is produced
+    into one of `bufs` (reused). A writer thread writes, hashes and flushes while the next
+    tensor is computed. Returns the sha256 of the file."""
     import hashlib
     import queue
     import threading
 
     from .checkpoint import atomic_output
 
-    q: queue.Queue = queue.Queue(maxsize=2)
-    h = hashlib.sha256()
+    free: queue.Queue = queue.Queue()
+    for b in bufs:
+        free.put(b)
+    work: queue.Queue = queue.Queue()
+    h = hashlib.sha256(header)
     failure: list[BaseException] = []
 
     with atomic_output(path) as tmp:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb", buffering=0) as f:
+            f.write(header)
 
             def writer() -> None:
+                unsynced = 0
                 try:
-                    while (item := q.get()) is not None:
-                        f.write(item)
-                        h.update(item)
+                    while (item := work.get()) is not None:
+                        buf, n = item
+                        mv = memoryview(buf.numpy())[:n]
+                        while mv:
+                            k = f.write(mv)
+                            mv = mv[k:]
+                        h.update(memoryview(buf.numpy())[:n])
+                        free.put(buf)
+                        unsynced += n
+                        if unsynced >= _SYNC_EVERY:
+                            os.fdatasync(f.fileno())
+                            unsynced = 0
                 except BaseException as exc:  # noqa: BLE001 - handed to the producer below
                     failure.append(exc)
-                    while q.get() is not None:  # drain so the producer never blocks
-                        pass
+                    free.put(item[0] if item else bufs[0])
+                    while (item := work.get()) is not None:  # keep the producer from blocking
+                        free.put(item[0])
 
             t = threading.Thread(target=writer, daemon=True)
             t.start()
             try:
-                q.put(_shard_header(entries))
                 for e in entries:
                     if failure:
                         break
-                    out = produce(e)
-                    if tuple(out.shape) != e.shape or _ST_DTYPE.get(out.dtype, e.dtype) != e.dtype:
-                        raise AssertionError(f"{e.name}: produced {out.dtype}{list(out.shape)}, planned {e.dtype}{list(e.shape)}")
-                    q.put(_tensor_bytes(out))
+                    buf = free.get()
+                    try:
+                        n = produce(e, buf)
+                    except BaseException:
+                        free.put(buf)
+                        raise
+                    work.put((buf, n))
                     on_bytes(e.in_bytes)
             finally:
-                q.put(None)
+                work.put(None)
                 t.join()
             if failure:
                 raise failure[0]
@@ -741,13 +803,28 @@ def convert_checkpoint(
 
             os.kill(os.getpid(), signal.SIGKILL)
 
-    for shard, entries in plan.items():
-        if shard in skip:
-            continue
+    # Reused buffers: two for output tensors (one being written while the next is computed),
+    # one for the input tensor being converted. Memory stays ~3 x the largest tensor.
+    todo = [s for s in plan if s not in skip]
+    out_cap = max([e.nbytes for s in todo for e in plan[s]] or [0])
+    in_cap = max([ckpt.header(s)[e.src].nbytes for s in todo for e in plan[s] if e.kind in ("quant", "dequant")] or [0])
+    bufs = [torch.empty(out_cap, dtype=torch.uint8) for _ in range(2)]
+    in_buf = torch.empty(in_cap, dtype=torch.uint8)
+    for shard in todo:
+        entries = plan[shard]
         pending: dict = {}
-        sha = _write_shard(
-            dst / shard, entries, lambda e: _convert_one(ckpt, e, device, scale_fmt, workers, pending), on_bytes
-        )
+        source = _Source(ckpt, shard)
+        try:
+            sha = _write_shard(
+                dst / shard,
+                headers[shard],
+                entries,
+                lambda e, buf: _produce(ckpt, source, e, buf, in_buf, device, scale_fmt, workers, pending),
+                on_bytes,
+                bufs,
+            )
+        finally:
+            source.close()
         done[shard] = {"in": _fingerprint(src / shard), "out_size": sizes[shard], "out_sha256": sha}
         write_json(manifest_path, {"job": job, "shards": dict(sorted(done.items()))})
 

@@ -1,0 +1,198 @@
+"""Benchmark of the FP8 CPU paths and of `dsv3 quantize`, as ratios against baselines measured
+in the same run (never absolute times in tests).
+
+  python benchmarks/quantize.py [--gb 2.0] [--workers N] [--dir TMP]
+
+Prints:
+- dequantize FP8 -> BF16 (into a preallocated buffer) vs a plain copy of the same output bytes
+  into a preallocated buffer (goal >= 0.5x; also the naive `q.float() * s` for scale);
+- quantize BF16 -> FP8 vs the same plain copy (goal >= 0.25x);
+- the whole `dsv3 quantize` (a subprocess, both directions) vs reading its input and writing
+  (with fsync) an output of the same size (goal <= 1.5x the time), and its peak RSS vs
+  2 x the largest shard + 1 GB.
+Tensors and the checkpoint are >= --gb GB of BF16 (larger than the CPU caches); the
+checkpoint lives in a temporary folder that is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dsv3cli import fp8
+
+# A real V3 expert / dense shape: 2048 x 7168 and 18432 x 7168 are the common ones.
+SHAPE = (18432, 7168)
+
+
+def _best(fn, repeat=3) -> float:
+    fn()  # warm: first-touch page faults of fresh buffers are not the steady state
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_tensors(gb: float, workers: int | None) -> dict:
+    n = max(1, round(gb * 1e9 / (SHAPE[0] * SHAPE[1] * 2)))
+    g = torch.Generator().manual_seed(0)
+    ws = [(torch.randn(SHAPE, generator=g) * 0.02).to(torch.bfloat16) for _ in range(n)]
+    outs = [torch.empty_like(w) for w in ws]
+    nbytes = sum(w.numel() * 2 for w in ws)
+    qs = [fp8.quantize_weight(w, workers=workers) for w in ws]
+
+    t_copy = _best(lambda: [o.copy_(w) for o, w in zip(outs, ws)])
+    t_deq = _best(lambda: [fp8.dequantize_weight(q, s, out=o, workers=workers) for (q, s), o in zip(qs, outs)])
+    assert torch.equal(outs[0], fp8.dequantize_weight(*qs[0]))
+    t_q = _best(lambda: [fp8.quantize_weight(w, workers=workers) for w in ws])
+    q8 = [q for q, _ in qs]
+    q8_out = [torch.empty_like(q) for q in q8]
+    t_copy8 = _best(lambda: [o.copy_(q) for o, q in zip(q8_out, q8)])
+    # Naive reference on one tensor only (it is slow), scaled to the same bytes.
+    q0, s0 = qs[0]
+    s_full = s0.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    t_naive = _best(lambda: (q0.float() * s_full).to(torch.bfloat16), repeat=1) * n
+    return {
+        "tensors": n,
+        "bf16_bytes": nbytes,
+        "copy_GBps": nbytes / t_copy / 1e9,
+        "dequant_vs_copy": t_copy / t_deq,
+        "naive_dequant_vs_copy": t_copy / t_naive,
+        "quant_vs_copy_bf16": t_copy / t_q,
+        "quant_vs_copy_fp8_bytes": t_copy8 / t_q,
+    }
+
+
+def make_checkpoint(folder: Path, gb: float) -> Path:
+    """A >= gb GB BF16 checkpoint in the hub's layout: the tiny preset's config and tokenizer
+    files, with expert-sized linear weights (hub names, so they become FP8) in 4 shards."""
+    from safetensors.torch import save_file
+
+    from dsv3cli.checkpoint import write_index
+    from dsv3cli.tiny import make_tiny
+
+    make_tiny(folder, seed=0, shards=1)
+    (folder / "model.safetensors.index.json").unlink()
+    for p in folder.glob("model-*.safetensors"):
+        p.unlink()
+    per = 2048 * 7168 * 2
+    n = max(8, round(gb * 1e9 / per))
+    shards = 4
+    g = torch.Generator().manual_seed(1)
+    weight_map, total = {}, 0
+    for k in range(shards):
+        name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {}
+        for e in range(k, n, shards):
+            for proj, shape in (("gate_proj", (2048, 7168)),):
+                key = f"model.layers.{1 + e // 64}.mlp.experts.{e % 64}.{proj}.weight"
+                tensors[key] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        tensors[f"model.layers.{k}.input_layernorm.weight"] = torch.ones(7168, dtype=torch.bfloat16)
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({t: name for t in tensors})
+    write_index(folder, weight_map, total)
+    return folder
+
+
+def _io_baseline(src: Path, out_bytes: int, scratch: Path) -> float:
+    """Read every shard of `src`, write (and fsync) `out_bytes` of new files: the floor for a conversion."""
+    buf = bytearray(1 << 26)
+    t0 = time.perf_counter()
+    for p in sorted(src.glob("*.safetensors")):
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    scratch.mkdir(exist_ok=True)
+    left = out_bytes
+    with open(scratch / "out.bin", "wb", buffering=0) as f:
+        view = memoryview(buf)
+        while left > 0:
+            k = min(left, len(buf))
+            f.write(view[:k])
+            left -= k
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t0
+    shutil.rmtree(scratch)
+    return dt
+
+
+def _quantize_cli(src: Path, dst: Path, extra: list[str]) -> tuple[float, dict, int]:
+    cmd = [sys.executable, "-c", "import resource, sys\nfrom dsv3cli.app import main\nsys.argv=['dsv3', *sys.argv[1:]]\n"
+           "try:\n    main()\nfinally:\n    print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)",
+           "quantize", str(src), str(dst), "--json", *extra]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"dsv3 quantize failed: {p.stderr}")
+    rss = int(next(ln.split()[1] for ln in p.stderr.splitlines() if ln.startswith("MAXRSS"))) * 1024
+    return wall, json.loads(p.stdout), rss
+
+
+def bench_checkpoint(gb: float, workers: int | None, tmp: Path) -> dict:
+    src = make_checkpoint(tmp / "bf16", gb)
+    largest = max(p.stat().st_size for p in src.glob("*.safetensors"))
+    extra = ["--device", "cpu"] + (["--workers", str(workers)] if workers else [])
+    res = {}
+    for label, a, b in (("bf16->fp8", src, tmp / "fp8"), ("fp8->bf16", tmp / "fp8", tmp / "bf16b")):
+        in_bytes = sum(p.stat().st_size for p in a.glob("*.safetensors"))
+        wall, out, rss = _quantize_cli(a, b, extra)
+        out_bytes = sum(p.stat().st_size for p in b.glob("*.safetensors"))
+        base = _io_baseline(a, out_bytes, tmp / "scratch")
+        big = max(p.stat().st_size for p in a.glob("*.safetensors"))
+        res[label] = {
+            "input_bytes": in_bytes,
+            "output_bytes": out_bytes,
+            "io_baseline_s": base,
+            "convert_s": out["seconds"],
+            "command_wall_s": wall,
+            "convert_vs_io": out["seconds"] / base,
+            "command_vs_io": wall / base,
+            "peak_rss_bytes": rss,
+            "rss_budget_bytes": 2 * big + (1 << 30),
+            "rss_vs_budget": rss / (2 * big + (1 << 30)),
+        }
+    res["largest_input_shard"] = largest
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=2.0, help="GB of BF16 tensors and checkpoint (default 2)")
+    ap.add_argument("--workers", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--dir", type=Path, default=None, help="where to put the temporary checkpoint")
+    ap.add_argument("--skip-tensors", action="store_true")
+    ap.add_argument("--skip-checkpoint", action="store_true")
+    args = ap.parse_args()
+    print(f"cores {fp8.default_workers()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    if not args.skip_tensors:
+        r = bench_tensors(args.gb, args.workers)
+        print(f"tensors: {r['tensors']} x {SHAPE} BF16 = {r['bf16_bytes'] / 1e9:.2f} GB; plain copy {r['copy_GBps']:.2f} GB/s")
+        print(f"  dequant FP8->BF16 vs copy of the output bytes: {r['dequant_vs_copy']:.3f}x  (goal >= 0.5; naive q.float()*s: {r['naive_dequant_vs_copy']:.3f}x)")
+        print(f"  quant BF16->FP8 vs copy of the BF16 bytes:    {r['quant_vs_copy_bf16']:.3f}x  (goal >= 0.25; vs a copy of the FP8 bytes: {r['quant_vs_copy_fp8_bytes']:.3f}x)")
+    if not args.skip_checkpoint:
+        with tempfile.TemporaryDirectory(dir=args.dir) as d:
+            r = bench_checkpoint(args.gb, args.workers, Path(d))
+        for label in ("bf16->fp8", "fp8->bf16"):
+            x = r[label]
+            print(f"dsv3 quantize {label}: {x['input_bytes'] / 1e9:.2f} GB -> {x['output_bytes'] / 1e9:.2f} GB")
+            print(f"  conversion {x['convert_s']:.2f} s, whole command {x['command_wall_s']:.2f} s, read input + write output {x['io_baseline_s']:.2f} s")
+            print(f"  time vs I/O: conversion {x['convert_vs_io']:.2f}x, whole command {x['command_vs_io']:.2f}x  (goal <= 1.5)")
+            print(f"  peak RSS {x['peak_rss_bytes'] / 1e9:.2f} GB vs 2 x largest shard + 1 GB = {x['rss_budget_bytes'] / 1e9:.2f} GB: {x['rss_vs_budget']:.2f}x  (goal <= 1)")
+
+
+if __name__ == "__main__":
+    main()
