@@ -205,30 +205,23 @@ def test_ragged_batch_equals_single_sequences(hf_models):
 
 
 def _quantize_checkpoint(src, dst, hf) -> None:
-    """Block-quantize the FP8 set of `src` into `dst` (hub names and quantization_config), and load
-    the dequantized weights into `hf` (the reference runs on exactly those values)."""
-    from dsv3cli.checkpoint import is_fp8_weight, scale_name
-    from dsv3cli.fp8 import dequantize_weight, quantize_weight
+    """`dsv3 quantize --to fp8` of `src` into `dst`, and every value of `dst` (FP8 weights
+    dequantized) loaded into `hf`, so the reference runs on exactly the quantized model."""
+    from dsv3cli.checkpoint import Checkpoint, scale_name
+    from dsv3cli.fp8 import convert_checkpoint, dequantize_weight
 
-    tensors = load_file(src / "model.safetensors")
-    out, deq = {}, {}
-    for name, t in tensors.items():
-        if is_fp8_weight(name):
-            q, s = quantize_weight(t)
-            out[name], out[scale_name(name)] = q, s
-            deq[name] = dequantize_weight(q, s, torch.float32)
-        else:
-            out[name] = t
-    dst.mkdir()
-    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
-    (dst / "config.json").write_text(json.dumps(cfg))
+    convert_checkpoint(src, dst, to="fp8", device="cpu")
+    ck = Checkpoint(dst)
     sd = hf.state_dict()
-    # transformers keeps routed experts fused in memory: [E, 2*I, D] gate_up and [E, D, I] down.
     with torch.no_grad():
-        for name, w in deq.items():
+        for name in ck.names():
+            if name.endswith("_scale_inv"):
+                continue
+            w = ck.get(name)
+            if w.dtype == torch.float8_e4m3fn:
+                w = dequantize_weight(w, ck.get(scale_name(name)), torch.float32)
+            w = w.float()
+            # transformers keeps routed experts fused in memory: [E, 2*I, D] gate_up and [E, D, I] down
             if ".experts." in name:  # model.layers.{i}.mlp.experts.{e}.{proj}.weight
                 parts = name.split(".")
                 prefix, e, proj = ".".join(parts[:-4]), int(parts[-3]), parts[-2]
