@@ -60,6 +60,13 @@ CONFIGS = {
              rope_parameters={**YARN, "factor": 40.0, "original_max_position_embeddings": 16}),
         70,
     ),
+    # dims across several 128-blocks and ragged at the edges (FP8 scales per block matter)
+    "wide_blocks": (
+        dict(hidden_size=160, intermediate_size=272, moe_intermediate_size=144, kv_lora_rank=136, q_lora_rank=200,
+             num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=16, v_head_dim=72,
+             num_hidden_layers=2, max_position_embeddings=128, rope_parameters=YARN),
+        50,
+    ),
     # DeepSeek-V2 (transformers' DeepseekV2ForCausalLM): softmax routing, max-per-group group limit
     "v2_group_limited": (
         dict(model_type="deepseek_v2", norm_topk_prob=False, q_lora_rank=24, topk_method="group_limited_greedy", routed_scaling_factor=1.7,
@@ -235,7 +242,7 @@ def _quantize_checkpoint(src, dst, hf) -> None:
                 sd[name].copy_(w)
 
 
-@pytest.mark.parametrize("name", ["yarn_nolora_groups", "v3like_yarn40"])
+@pytest.mark.parametrize("name", ["yarn_nolora_groups", "wide_blocks"])
 def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(name, hf_models, tmp_path):
     pytest.importorskip("dsv3cli.fp8")
     over, _ = CONFIGS[name]
