@@ -134,3 +134,13 @@ def test_a_dead_rank_makes_the_others_fail_clearly(tiny_bf16, tmp_path):
     elapsed, message = out.read_text().split("\n", 1)
     assert "rank 0" in message and "another rank exited or timed out" in message
     assert float(elapsed) < 30
+
+
+def test_init_distributed_reads_torchrun_env(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert init_distributed("cpu") == Dist()  # not under torchrun: one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DsvError, match="MASTER_ADDR"):
+        init_distributed("cpu")
