@@ -18,6 +18,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -177,9 +178,20 @@ def _rate(n: int, s: float) -> float | None:
 
 def peak_memory_mb() -> tuple[float, float | None]:
     """(peak resident set of this process, peak CUDA memory allocated or None) in MB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return round(rss, 1), None if cuda is None else round(cuda, 1)
+    return round(peak_rss_bytes() / 2**20, 1), (
+        round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM of this process. getrusage's ru_maxrss is not used where /proc exists: Linux carries
+    it over from the parent across fork + exec, so a small child of a big parent reports the parent's."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 # ---- the loop --------------------------------------------------------------------------------
