@@ -369,10 +369,14 @@ def generate(
         cur = toks[rows, n]
         drafts = p_draft = None
         if mtp and not all(done):
-            # Rewrite the MTP cache at pos..pos+k with the true (h_p, t_{p+1}) pairs; the output at
-            # pos+n drafts the next step. Positions past pos+n get garbage, overwritten next step.
-            m_logits, m_hidden = model.mtp_forward(hidden, toks, start)  # [B,k+1,V], [B,k+1,D]
-            drafts, p_draft = _draft(model, m_logits[rows, n], m_hidden[rows, n], starts(), n_drafts(), pick)
+            # Rewrite the MTP cache at pos..pos+n with the true (h_p, t_{p+1}) pairs; the output at
+            # pos+n drafts the next step. Only the first m = max(n)+1 positions are computed (an MoE
+            # forward costs more per extra token); a row with a smaller n writes garbage past its
+            # pos+n, which the next step overwrites before anything reads it.
+            m = max(n_l[b] for b in range(B) if not done[b]) + 1
+            m_logits, m_hidden = model.mtp_forward(hidden[:, :m], toks[:, :m], start)  # [B,m,V], [B,m,D]
+            at = n.clamp(max=m - 1)  # finished rows may hold any n
+            drafts, p_draft = _draft(model, m_logits[rows, at], m_hidden[rows, at], starts(), n_drafts(), pick)
     st.decode_s = time.perf_counter() - t2
     return out, st
 
