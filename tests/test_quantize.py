@@ -200,6 +200,16 @@ def test_resume_after_sigkill_is_byte_identical(tiny_bf16, to_fp8, tmp_path):
     assert _files(damaged) == _files(to_fp8[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="needs CUDA")
+def test_cuda_gives_the_same_bytes_as_cpu(tiny_bf16, to_fp8, tmp_path):
+    """Through the Triton kernels: the same bytes as the CPU path, both directions."""
+    assert _run(tiny_bf16, tmp_path / "g8", "--device", "cuda").exit_code == 0
+    assert _files(tmp_path / "g8") == _files(to_fp8[0])
+    assert _run(to_fp8[0], tmp_path / "gb", "--device", "cuda").exit_code == 0
+    assert _run(to_fp8[0], tmp_path / "cb", "--device", "cpu").exit_code == 0
+    assert _files(tmp_path / "gb") == _files(tmp_path / "cb")
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 
