@@ -153,3 +153,24 @@ def test_a_dying_rank_stops_the_others(tiny_bf16):
     assert last.startswith("Error: rank 1 of 2 exited with code 3") and "stopped the other ranks" in last, r.stderr
     assert time.monotonic() - t0 < 90
     assert r.stdout == ""
+
+
+def test_interactive_chat_in_a_terminal(tiny_bf16):
+    """No prompt and a terminal on stdin: a chat; /clear forgets the history, /exit quits."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "dsv3cli.app", "generate", str(tiny_bf16), *FAST],
+                         stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    for line in ("Hello\n", "Again\n", "/clear\n", "Again\n", "/exit\n"):
+        os.write(master, line.encode())
+    out, err = p.communicate(timeout=120)
+    os.close(master)
+    assert p.returncode == 0, err.decode()
+    lines = [ln for ln in err.decode().splitlines() if "prompt +" in ln]
+    # turn 2 carries turn 1 (user + assistant) in its prompt; after /clear the same text is short again
+    n = [int(ln.split(" prompt")[0].split()[-1]) for ln in lines]
+    assert len(n) == 3 and n[1] > n[0] + 2 and n[2] < n[1]
+    assert out.decode().count("> ") >= 4
