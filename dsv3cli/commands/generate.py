@@ -1,10 +1,8 @@
-"""Generate text (or token ids) from a checkpoint folder in the hub layout: one or several local
-processes (tensor + expert parallel), with MTP speculative decoding.
+"""Generate text (or token ids) from a checkpoint folder in the hub layout, on one or several local processes (tensor + expert parallel), with MTP speculative decoding.
 
-Prompts come from --prompt (text, chat template applied unless --raw), --prompt-ids (token ids,
-used as they are) and --file (text lines, or JSONL lines {"messages": [...]} / {"prompt": "..."}),
-in that order; with none of them in a terminal it starts a chat (/clear, /exit).
-Text streams to stdout; a one-line summary (speed, MTP acceptance, memory) goes to stderr.
+Prompts: --prompt (text; the chat template is applied unless --raw), --prompt-ids (ids, used as they are), --file (text lines, or JSONL lines {"messages": [...]} or {"prompt": "..."}), taken in that order. With none of them and a terminal on stdin, a chat starts (/clear, /exit).
+
+Text streams to stdout; one summary line (speed, MTP acceptance, memory) goes to stderr.
 
 Examples:
 
