@@ -259,6 +259,8 @@ def generate(
         raise UsageError(f"--mtp {mtp}: this checkpoint has no MTP layer; use --mtp 0")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+    if not prompts or any(not p or len(p) >= max_seq_len for p in prompts):
+        raise UsageError(f"every prompt needs 1 to {max_seq_len - 1} tokens (--max-seq-len {max_seq_len})")
     B = len(prompts)
     device = model_device(model)
     g = generator if generator is not None else make_generator(0, device)
