@@ -113,11 +113,17 @@ def load_model(
             f"{ck.path}: missing tensors {', '.join(missing[:5])}{more}; the checkpoint is incomplete "
             "or not of this config (run dsv3 verify)"
         )
+    # Shard by shard, closing each before the next: safetensors maps files into memory, and the
+    # pages read stay resident (and count in RSS) while the file is open.
+    plan.sort(key=lambda item: ck.shard_of(item[0]))
     with torch.no_grad():
         for i, (name, t) in enumerate(plan):
+            if i and ck.shard_of(name) != ck.shard_of(plan[i - 1][0]):
+                ck.close()
             t.copy_(_read(ck, name, t, dist).to(device=t.device, dtype=t.dtype))
             if progress is not None:
                 progress(i + 1, len(plan))
+    ck.close()
     return model
 
 
