@@ -305,6 +305,15 @@ class MTP(Block):
 
 
 class Transformer(nn.Module):
+    """The main model (embedding, num_hidden_layers blocks, final norm, head) plus the MTP module
+    when the config has one. Parameters are allocated empty; `loading.load_model` fills them.
+
+    forward(tokens [B,T], start_pos [B]) -> (logits float32 [B,T,V], final-normed hidden [B,T,D]);
+    mtp_forward(hidden, next_tokens, start_pos) -> the same for the MTP module;
+    `route_observer` (None or a callable) sees every main MoE layer's routing.
+    Batch row b always uses cache row b.
+    """
+
     def __init__(
         self,
         cfg: ModelConfig,

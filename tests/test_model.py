@@ -375,3 +375,17 @@ def test_route_observer_sees_every_main_moe_layer(mtp_setup):
     model.route_observer = None
     model(tokens, torch.zeros(2, dtype=torch.long))
     assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp8_model_follows_the_cpu_model(tiny_fp8):
+    """On CUDA, FP8 linears go through act-quant + the Triton GEMM: the logits move by the
+    activation quantization only."""
+    prompt = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(9))
+    cpu = load_model(tiny_fp8, Dist(), dtype=torch.float32, max_seq_len=64)
+    gpu = load_model(tiny_fp8, Dist(), dtype=torch.float32, device="cuda", max_seq_len=64)
+    assert gpu.layers[1].mlp.experts[0].gate_proj.weight.dtype == torch.float8_e4m3fn
+    ref, _ = cpu(prompt, torch.zeros(1, dtype=torch.long))
+    got, _ = gpu(prompt.cuda(), torch.zeros(1, dtype=torch.long, device="cuda"))
+    assert rel_err(got.cpu(), ref) < 0.1
