@@ -174,3 +174,18 @@ def test_interactive_chat_in_a_terminal(tiny_bf16):
     n = [int(ln.split(" prompt")[0].split()[-1]) for ln in lines]
     assert len(n) == 3 and n[1] > n[0] + 2 and n[2] < n[1]
     assert out.decode().count("> ") >= 4
+
+
+def test_under_torchrun_each_rank_runs_the_command(tiny_bf16):
+    """torchrun sets WORLD_SIZE: `dsv3 generate` joins its group instead of launching; rank 0 prints."""
+    from dsv3cli.launch import free_port
+
+    ids = ["--prompt-ids", "5,6,7,8,9", "--prompt-ids", "10,11"]
+    r1 = gen(tiny_bf16, *ids, "--json", "--mtp", "0", *FAST)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                         "-m", "dsv3cli.app", "generate", str(tiny_bf16), *ids, "--json", "--mtp", "2", *FAST],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert r2.returncode == 0, r2.stderr
+    doc = json.loads(r2.stdout)  # one document: only rank 0 printed
+    assert [o["generated_ids"] for o in doc["outputs"]] == [o["generated_ids"] for o in json.loads(r1.stdout)["outputs"]]
