@@ -36,7 +36,7 @@ def run_model(ckpt, dist: Dist) -> dict[str, torch.Tensor]:
         tokens[b, : len(p)] = torch.tensor(p)
     start = torch.zeros(len(PROMPTS), dtype=torch.long)
     logits, hidden = model(tokens, start)  # [B,T,V], [B,T,D]
-    mtp_logits, _ = model.mtp_forward(hidden[:, :-1], tokens[:, 1:], start)
+    mtp_logits = model.mtp_forward(hidden[:, :-1], tokens[:, 1:], start)[0] if model.has_mtp else None
     nxt = logits[torch.arange(len(PROMPTS)), lens - 1].argmax(-1)  # [B]
     generated = [nxt]
     pos = lens.clone()
@@ -80,15 +80,44 @@ def single(tiny_fp8):
     return run_model(tiny_fp8, Dist())
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_parallel_matches_single_process(world, tiny_fp8, single, tmp_path):
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(world, _free_port(), str(tiny_fp8), out), nprocs=world, join=True)
+def _compare_with_spawned(world: int, ckpt, single: dict, out: str, keys=("logits", "mtp_logits")) -> None:
+    mp.spawn(_worker, args=(world, _free_port(), str(ckpt), out), nprocs=world, join=True)
     got = torch.load(out)
-    for key in ("logits", "mtp_logits"):
+    for key in keys:
         err = (got[key] - single[key]).abs().max() / single[key].abs().max()
         assert err < 1e-5, f"world {world}: {key} differ by {err:.2e}"
     assert torch.equal(got["tokens"], single["tokens"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parallel_matches_single_process(world, tiny_fp8, single, tmp_path):
+    _compare_with_spawned(world, tiny_fp8, single, str(tmp_path / "rank0.pt"))
+
+
+@pytest.fixture(scope="module")
+def vocab_not_divisible(tmp_path_factory):
+    """A transformers-saved checkpoint (no MTP) whose vocabulary 500 is not a multiple of 3,
+    with 3 heads and 6 experts so that 3 processes can split everything else evenly."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=500, hidden_size=48, intermediate_size=72, moe_intermediate_size=24, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=3, num_key_value_heads=3, q_lora_rank=None, kv_lora_rank=20,
+        qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=10, n_routed_experts=6, num_experts_per_tok=2,
+        n_group=2, topk_group=1, max_position_embeddings=64, rope_interleave=True,
+    )
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(cfg).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) / max(p.shape[-1], 1) ** 0.5 if p.dim() > 1 else 1 + 0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("vocab500")
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_vocab_not_divisible_by_world_is_padded(vocab_not_divisible, tmp_path):
+    single = run_model(vocab_not_divisible, Dist())
+    _compare_with_spawned(3, vocab_not_divisible, single, str(tmp_path / "rank0.pt"), keys=("logits",))
 
 
 def test_world_size_must_divide_heads_and_experts():
