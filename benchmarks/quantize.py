@@ -131,8 +131,11 @@ def _io_baseline(src: Path, out_bytes: int, scratch: Path) -> float:
 
 
 def _quantize_cli(src: Path, dst: Path, extra: list[str]) -> tuple[float, dict, int]:
-    cmd = [sys.executable, "-c", "import resource, sys\nfrom dsv3cli.app import main\nsys.argv=['dsv3', *sys.argv[1:]]\n"
-           "try:\n    main()\nfinally:\n    print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)",
+    # Peak RSS from VmHWM of the child's own address space (ru_maxrss would inherit the
+    # parent's peak across fork + exec).
+    cmd = [sys.executable, "-c", "import sys\nfrom dsv3cli.app import main\nsys.argv=['dsv3', *sys.argv[1:]]\n"
+           "try:\n    main()\nfinally:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+           "    print('MAXRSS', hwm, file=sys.stderr)",
            "quantize", str(src), str(dst), "--json", *extra]
     os.sync()
     t0 = time.perf_counter()
@@ -151,10 +154,13 @@ def bench_checkpoint(gb: float, workers: int | None, tmp: Path) -> dict:
     res = {}
     for label, a, b in (("bf16->fp8", src, tmp / "fp8"), ("fp8->bf16", tmp / "fp8", tmp / "bf16b")):
         in_bytes = sum(p.stat().st_size for p in a.glob("*.safetensors"))
+        # Best of two for the conversion and for the baseline alike (the disk and the CPUs are shared).
         base0 = _io_baseline(a, in_bytes // 2 if label == "bf16->fp8" else in_bytes * 2, tmp / "scratch")
-        wall, out, rss = _quantize_cli(a, b, extra)
+        runs = [_quantize_cli(a, b, extra), _quantize_cli(a, b, [*extra, "--force"])]
+        wall, out, rss = min(runs, key=lambda r: r[1]["seconds"])
+        rss = max(r[2] for r in runs)
         out_bytes = sum(p.stat().st_size for p in b.glob("*.safetensors"))
-        base = min(base0, _io_baseline(a, out_bytes, tmp / "scratch"))  # before and after: the faster
+        base = min(base0, _io_baseline(a, out_bytes, tmp / "scratch"))
         big = max(p.stat().st_size for p in a.glob("*.safetensors"))
         res[label] = {
             "input_bytes": in_bytes,
@@ -181,12 +187,7 @@ def main() -> None:
     ap.add_argument("--skip-checkpoint", action="store_true")
     args = ap.parse_args()
     print(f"cores {fp8.default_workers()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
-    if not args.skip_tensors:
-        r = bench_tensors(args.gb, args.workers)
-        print(f"tensors: {r['tensors']} x {SHAPE} BF16 = {r['bf16_bytes'] / 1e9:.2f} GB; plain copy {r['copy_GBps']:.2f} GB/s")
-        print(f"  dequant FP8->BF16 vs copy of the output bytes: {r['dequant_vs_copy']:.3f}x  (goal >= 0.5; naive q.float()*s: {r['naive_dequant_vs_copy']:.3f}x)")
-        print(f"  quant BF16->FP8 vs copy of the BF16 bytes:    {r['quant_vs_copy_bf16']:.3f}x  (goal >= 0.25; vs a copy of the FP8 bytes: {r['quant_vs_copy_fp8_bytes']:.3f}x)")
-    if not args.skip_checkpoint:
+    if not args.skip_checkpoint:  # first, while this process is small
         with tempfile.TemporaryDirectory(dir=args.dir) as d:
             r = bench_checkpoint(args.gb, args.workers, Path(d))
         for label in ("bf16->fp8", "fp8->bf16"):
@@ -195,6 +196,11 @@ def main() -> None:
             print(f"  conversion {x['convert_s']:.2f} s, whole command {x['command_wall_s']:.2f} s, read input + write output {x['io_baseline_s']:.2f} s")
             print(f"  time vs I/O: conversion {x['convert_vs_io']:.2f}x, whole command {x['command_vs_io']:.2f}x  (goal <= 1.5)")
             print(f"  peak RSS {x['peak_rss_bytes'] / 1e9:.2f} GB vs 2 x largest shard + 1 GB = {x['rss_budget_bytes'] / 1e9:.2f} GB: {x['rss_vs_budget']:.2f}x  (goal <= 1)")
+    if not args.skip_tensors:
+        r = bench_tensors(args.gb, args.workers)
+        print(f"tensors: {r['tensors']} x {SHAPE} BF16 = {r['bf16_bytes'] / 1e9:.2f} GB; plain copy {r['copy_GBps']:.2f} GB/s")
+        print(f"  dequant FP8->BF16 vs copy of the output bytes: {r['dequant_vs_copy']:.3f}x  (goal >= 0.5; naive q.float()*s: {r['naive_dequant_vs_copy']:.3f}x)")
+        print(f"  quant BF16->FP8 vs copy of the BF16 bytes:    {r['quant_vs_copy_bf16']:.3f}x  (goal >= 0.25; vs a copy of the FP8 bytes: {r['quant_vs_copy_fp8_bytes']:.3f}x)")
 
 
 if __name__ == "__main__":
