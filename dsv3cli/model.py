@@ -93,6 +93,7 @@ class MLA(nn.Module):
         self.nope, self.rope, self.vdim, self.c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
         self.impl = "absorb"
+        self.score_budget = 1 << 26  # attention scores held at once (elements): 256 MB in float32
         kw = dict(dtype=dtype, fp8=cfg.is_fp8, scratch=scratch, scale_fmt=cfg.scale_fmt)
         qk = self.nope + self.rope
         if cfg.q_lora_rank:
@@ -127,21 +128,30 @@ class MLA(nn.Module):
         cache = self.kv_cache[:B, :S]  # [B,S,C+R]
         kv = cache[..., : self.c]  # [B,S,C]
 
-        if self.impl == "naive":
+        naive = self.impl == "naive"
+        if naive:
             k_nope, v = self.kv_b_proj(kv).view(B, S, self.h, -1).split([self.nope, self.vdim], dim=-1)
-            scores = torch.einsum("bthd,bshd->bths", q_nope * self.scale, k_nope)
-            scores += torch.einsum("bthr,bsr->bths", q_pe * self.scale, cache[..., self.c :])
+            q_nope, q_pe = q_nope * self.scale, q_pe * self.scale
         else:
             w = self.kv_b_proj.dense_weight(x.dtype).view(self.h, self.nope + self.vdim, self.c)
             q_abs = torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope])  # [B,T,H,C]
             # [q_abs | q_pe] . [latent | k_pe]: both score terms in one product over the cache
-            scores = torch.einsum("bthc,bsc->bths", torch.cat([q_abs, q_pe], dim=-1) * self.scale, cache)
-        scores.masked_fill_(~mask.unsqueeze(2), float("-inf"))  # [B,T,H,S]
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-        if self.impl == "naive":
-            out = torch.einsum("bths,bshd->bthd", probs, v)
-        else:
-            out = torch.einsum("bths,bsc->bthc", probs, kv)
+            q_cat = torch.cat([q_abs, q_pe], dim=-1) * self.scale  # [B,T,H,C+R]
+        # Query positions in chunks, so a long prefill never holds more than score_budget scores.
+        rows = max(1, self.score_budget // (B * self.h * S))
+        outs = []
+        for t in range(0, T, rows):
+            part = slice(t, t + rows)
+            if naive:
+                scores = torch.einsum("bthd,bshd->bths", q_nope[:, part], k_nope)
+                scores += torch.einsum("bthr,bsr->bths", q_pe[:, part], cache[..., self.c :])
+            else:
+                scores = torch.einsum("bthc,bsc->bths", q_cat[:, part], cache)
+            scores.masked_fill_(~mask[:, part].unsqueeze(2), float("-inf"))  # [B,t,H,S]
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+            outs.append(torch.einsum("bths,bshd->bthd", probs, v) if naive else torch.einsum("bths,bsc->bthc", probs, kv))
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        if not naive:
             out = torch.einsum("bthc,hdc->bthd", out, w[:, self.nope :])  # [B,T,H,vdim]
         return self.o_proj(out.flatten(2))
 

@@ -389,3 +389,20 @@ def test_cuda_fp8_model_follows_the_cpu_model(tiny_fp8):
     ref, _ = cpu(prompt, torch.zeros(1, dtype=torch.long))
     got, _ = gpu(prompt.cuda(), torch.zeros(1, dtype=torch.long, device="cuda"))
     assert rel_err(got.cpu(), ref) < 0.1
+
+
+def test_prefill_in_query_chunks_equals_one_pass(hf_models):
+    """A small score budget splits a long prefill's attention into query chunks; same numbers."""
+    _, folder, prompt = hf_models["yarn_nolora_groups"]
+    model = load_model(folder, Dist(), dtype=torch.float32, max_seq_len=prompt.shape[1])
+    for impl in ("absorb", "naive"):
+        model.attn_impl = impl
+        whole, _ = model(prompt, torch.zeros(1, dtype=torch.long))
+        for m in model.modules():
+            if hasattr(m, "score_budget"):
+                m.score_budget = 7 * 4 * prompt.shape[1]  # 7 query positions per chunk (4 heads)
+        chunked, _ = model(prompt, torch.zeros(1, dtype=torch.long))
+        for m in model.modules():
+            if hasattr(m, "score_budget"):
+                m.score_budget = 1 << 26
+        assert rel_err(chunked, whole) < 1e-6
