@@ -41,12 +41,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _relay(src: IO[bytes], dst: IO[str] | None, keep: deque | None) -> None:
-    """Copy a child's pipe to `dst` as it arrives (partial UTF-8 held back), keeping the last lines."""
+def _relay(src: IO[bytes], dst: IO[str] | None, keep: deque | None, held: list[str] | None = None) -> None:
+    """Copy a child's pipe to `dst` as it arrives (partial UTF-8 held back), keeping the last lines.
+
+    With `held`, the stream is handled by whole lines and `Error:` lines are put there instead of
+    written: the launcher decides at the end whose error the user sees.
+    """
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
     while True:
         chunk = os.read(src.fileno(), 65536)
         text = dec.decode(chunk, final=not chunk)
+        if held is not None:
+            *lines, pending = (pending + text).split("\n")
+            lines = [ln + "\n" for ln in lines]
+            if not chunk and pending:
+                lines.append(pending)
+            held.extend(ln.rstrip("\n") for ln in lines if ln.startswith("Error:"))
+            text = "".join(ln for ln in lines if not ln.startswith("Error:"))
         if text:
             if dst is not None:
                 dst.write(text)
@@ -73,6 +85,7 @@ def launch(nproc: int, target: str, job: dict[str, Any], *, grace_s: float | Non
     procs: list[subprocess.Popen] = []
     threads: list[threading.Thread] = []
     tails: list[deque] = []
+    held: list[str] = []  # rank 0's error lines
     try:
         for r in range(nproc):
             env = dict(
@@ -98,9 +111,9 @@ def launch(nproc: int, target: str, job: dict[str, Any], *, grace_s: float | Non
             tails.append(tail)
             if r == 0:
                 threads.append(threading.Thread(target=_relay, args=(p.stdout, sys.stdout, None), daemon=True))
-            threads.append(
-                threading.Thread(target=_relay, args=(p.stderr, sys.stderr if r == 0 else None, tail), daemon=True)
-            )
+            threads.append(threading.Thread(
+                target=_relay, args=(p.stderr, sys.stderr if r == 0 else None, tail, held if r == 0 else None), daemon=True
+            ))
         for t in threads:
             t.start()
         first_fail = _watch(procs, grace_s)
@@ -117,9 +130,12 @@ def launch(nproc: int, target: str, job: dict[str, Any], *, grace_s: float | Non
     if all(c == 0 for c in codes):
         return 0
     rank, code = first_fail if first_fail is not None else next((r, c) for r, c in enumerate(codes) if c)
-    if rank == 0:
-        return code or 1
     last = tails[rank][-1] if tails[rank] else ""
+    if rank == 0 or (held and held[-1] == last):  # rank 0 failed, or every rank met the same bad input
+        for line in held:
+            print(line, file=sys.stderr)
+        return codes[0] or code or 1
+    # Rank 0's own error is a consequence (a collective with the dead rank failed): not shown.
     last = last.removeprefix("Error: ")
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     print(
