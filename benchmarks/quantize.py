@@ -6,7 +6,9 @@ in the same run (never absolute times in tests).
 Prints:
 - dequantize FP8 -> BF16 (into a preallocated buffer) vs a plain copy of the same output bytes
   into a preallocated buffer (goal >= 0.5x; also the naive `q.float() * s` for scale);
-- quantize BF16 -> FP8 vs the same plain copy (goal >= 0.25x);
+- quantize BF16 -> FP8 (into a preallocated buffer) vs the same plain copy (goal >= 0.25x);
+- the CPU time per element of each (all threads) and the cores each actually got: on a
+  shared machine the wall-clock ratios mostly measure how much CPU the other processes left;
 - the whole `dsv3 quantize` (a subprocess, both directions) vs reading its input and writing
   (with fsync) an output of the same size (goal <= 1.5x the time), and its peak RSS vs
   2 x the largest shard + 1 GB.
@@ -35,13 +37,18 @@ from dsv3cli import fp8
 SHAPE = (18432, 7168)
 
 
-def _best(fn, repeat=3) -> float:
+CPU: dict = {}  # label -> best process CPU seconds (all threads): a load-independent view
+
+
+def _best(fn, repeat=3, label=None) -> float:
     fn()  # warm: first-touch page faults of fresh buffers are not the steady state
     best = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
+        if label:
+            CPU[label] = min(CPU.get(label, float("inf")), time.process_time() - c0)
     return best
 
 
@@ -53,12 +60,13 @@ def bench_tensors(gb: float, workers: int | None) -> dict:
     nbytes = sum(w.numel() * 2 for w in ws)
     qs = [fp8.quantize_weight(w, workers=workers) for w in ws]
 
-    t_copy = _best(lambda: [o.copy_(w) for o, w in zip(outs, ws)])
-    t_deq = _best(lambda: [fp8.dequantize_weight(q, s, out=o, workers=workers) for (q, s), o in zip(qs, outs)])
+    t_copy = _best(lambda: [o.copy_(w) for o, w in zip(outs, ws)], label="copy")
+    t_deq = _best(lambda: [fp8.dequantize_weight(q, s, out=o, workers=workers) for (q, s), o in zip(qs, outs)], label="dequant")
     assert torch.equal(outs[0], fp8.dequantize_weight(*qs[0]))
-    t_q = _best(lambda: [fp8.quantize_weight(w, workers=workers) for w in ws])
     q8 = [q for q, _ in qs]
     q8_out = [torch.empty_like(q) for q in q8]
+    t_q = _best(lambda: [fp8.quantize_weight(w, workers=workers, out=o) for w, o in zip(ws, q8_out)], label="quant")
+    assert torch.equal(q8_out[0].view(torch.uint8), q8[0].view(torch.uint8))
     t_copy8 = _best(lambda: [o.copy_(q) for o, q in zip(q8_out, q8)])
     # Naive reference on one tensor only (it is slow), scaled to the same bytes.
     q0, s0 = qs[0]
@@ -72,6 +80,8 @@ def bench_tensors(gb: float, workers: int | None) -> dict:
         "naive_dequant_vs_copy": t_copy / t_naive,
         "quant_vs_copy_bf16": t_copy / t_q,
         "quant_vs_copy_fp8_bytes": t_copy8 / t_q,
+        "cpu_ns_per_element": {k: v / (nbytes / 2) * 1e9 for k, v in CPU.items()},
+        "cores_used": {"copy": CPU["copy"] / t_copy, "dequant": CPU["dequant"] / t_deq, "quant": CPU["quant"] / t_q},
     }
 
 
@@ -201,6 +211,9 @@ def main() -> None:
         print(f"tensors: {r['tensors']} x {SHAPE} BF16 = {r['bf16_bytes'] / 1e9:.2f} GB; plain copy {r['copy_GBps']:.2f} GB/s")
         print(f"  dequant FP8->BF16 vs copy of the output bytes: {r['dequant_vs_copy']:.3f}x  (goal >= 0.5; naive q.float()*s: {r['naive_dequant_vs_copy']:.3f}x)")
         print(f"  quant BF16->FP8 vs copy of the BF16 bytes:    {r['quant_vs_copy_bf16']:.3f}x  (goal >= 0.25; vs a copy of the FP8 bytes: {r['quant_vs_copy_fp8_bytes']:.3f}x)")
+        cpu, used = r["cpu_ns_per_element"], r["cores_used"]
+        print("  CPU time per element (all threads): " + ", ".join(f"{k} {v:.2f} ns" for k, v in cpu.items())
+              + "; cores actually used: " + ", ".join(f"{k} {v:.2f}" for k, v in used.items()))
 
 
 if __name__ == "__main__":
