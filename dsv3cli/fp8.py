@@ -19,6 +19,7 @@ The format, exactly (each fast path and kernel must equal the `*_ref` function b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -172,18 +173,25 @@ def _block_scales(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
     return s
 
 
-def _run_inline(n: int, work: Callable[[Sequence[int]], None]) -> None:
-    """Small tensors: this thread, torch single-threaded (OpenMP's fork/join on each small op
-    costs more than the op, and stalls on a busy machine)."""
+@contextlib.contextmanager
+def _single_threaded():
+    """torch single-threaded for small ops: OpenMP's fork/join on each small op costs more
+    than the op, and stalls for milliseconds on a busy machine."""
     prev = torch.get_num_threads()
     if prev == 1:
-        work(range(n))
+        yield
         return
     torch.set_num_threads(1)
     try:
-        work(range(n))
+        yield
     finally:
         torch.set_num_threads(prev)
+
+
+def _run_inline(n: int, work: Callable[[Sequence[int]], None]) -> None:
+    """Small tensors: this thread, torch single-threaded."""
+    with _single_threaded():
+        work(range(n))
 
 
 def _run_parallel(n: int, work: Callable[[Sequence[int]], None], workers: int) -> None:
@@ -330,7 +338,9 @@ def dequantize_weight(
     # Codes 0x7f / 0xff are NaN; the bit path would read them as 480: let torch handle those.
     if o * i == 0:
         return out
-    if bool(qb.max() == 255) or bool(qb.view(torch.int8).max() == 127) or bool(s.abs().max() >= 2.0**7):
+    with _single_threaded() if o * i < _PARALLEL_MIN else contextlib.nullcontext():
+        slow = bool(qb.max() == 255) or bool(qb.view(torch.int8).max() == 127) or bool(s.abs().max() >= 2.0**7)
+    if slow:
         return _dequant_slow(q, s, dtype, out)
     sx_all = s * _BIAS  # exact: a power-of-two multiply without overflow (s < 2**7)
     rows = max(1, min(BLOCK, _CHUNK // max(i, 1)))
