@@ -54,6 +54,7 @@ def command(
     mtp: Annotated[Optional[int], typer.Option("--mtp", min=0, help="Draft tokens per step with the MTP layer (default 1 when the checkpoint has one; 0 = off).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
+    from ..generation import Sampling
     from ..launch import launch, under_launcher
 
     job = {
@@ -61,18 +62,17 @@ def command(
         "top_k": top_k, "seed": seed, "max_seq_len": max_seq_len, "batch_size": batch_size,
         "dtype": dtype.value, "device": device.value, "mtp": mtp, "json": json_out, "raw": raw,
     }
-    from ..generation import Sampling
-
     Sampling(temperature, top_k, top_p).check()
     cfg = _config(ckpt)
-    if nproc > 1 or under_launcher():
+    world = int(os.environ["WORLD_SIZE"]) if under_launcher() else nproc
+    if under_launcher() and nproc not in (1, world):
+        raise UsageError(f"--nproc {nproc}: this process runs under torchrun with WORLD_SIZE={world}; leave --nproc at 1")
+    spawn = nproc > 1 and not under_launcher()  # under torchrun the processes exist already
+    if world > 1:
         from ..model import check_divisible
         from ..parallel import Dist
 
-        world = nproc if nproc > 1 else int(os.environ["WORLD_SIZE"])
         check_divisible(cfg, Dist(rank=0, world_size=world))
-    if nproc > 1 and under_launcher():
-        raise UsageError("--nproc: this process already runs under torchrun (WORLD_SIZE is set); leave --nproc at 1")
     job["device"] = _device(device.value)
     if prompt or prompt_ids or file:
         job["prompts"] = prepare_prompts(ckpt, cfg, prompt or [], prompt_ids or [], file, raw, max_seq_len)
@@ -80,7 +80,7 @@ def command(
         job["chat"] = True
     else:
         raise UsageError("no prompt: give --prompt, --prompt-ids or --file (or run in a terminal for a chat)")
-    if nproc > 1:
+    if spawn:
         code = launch(nproc, f"{__name__}:run_rank", job)
         if code:
             raise typer.Exit(code)
