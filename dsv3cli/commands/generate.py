@@ -140,10 +140,13 @@ def _read_file(path: Path) -> list[tuple[str | None, list | None]]:
     if not path.is_file():
         raise DsvError(f"{path}: no such file")
     items: list[tuple[str | None, list | None]] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = next((ln for ln in lines if ln.strip()), "")
+    jsonl = path.suffix in (".jsonl", ".json") or _is_json_object(first)  # decided once per file
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if path.suffix == ".jsonl" or line.lstrip().startswith("{"):
+        if jsonl:
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
@@ -159,6 +162,15 @@ def _read_file(path: Path) -> list[tuple[str | None, list | None]]:
     if not items:
         raise DsvError(f"{path}: no prompts in this file")
     return items
+
+
+def _is_json_object(line: str) -> bool:
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def prepare_prompts(ckpt: Path, cfg, texts: list[str], ids: list[str], file: Path | None, raw: bool, max_seq_len: int) -> list[list[int]]:
