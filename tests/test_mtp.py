@@ -220,3 +220,22 @@ def test_processes_give_single_process_tokens(models, agree_ckpt, nproc, K):
     assert [o["generated_ids"] for o in doc["outputs"]] == plain
     assert doc["stats"]["mtp"] == K and doc["stats"]["accepted"] > 0
     assert "MTP" in r.stderr and r.stderr.count("\n") == 1  # rank 0's summary line only
+
+
+TRAINED = Path(__file__).resolve().parents[1] / "checkpoints" / "dsv3-mini"
+
+
+@pytest.mark.skipif(not (TRAINED / "model.safetensors.index.json").is_file(), reason="no trained checkpoint in checkpoints/")
+def test_trained_checkpoint_mtp_greedy_identical_and_accepting():
+    from dsv3cli.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(TRAINED)
+    prompts = [[tok.bos_id] + tok.encode(t) for t in ("The harbour was quiet", "Weather report for", "def mean(values):")]
+    model = load_model(TRAINED, dtype=torch.float32, max_batch_size=3, max_seq_len=MAX_SEQ)
+    plain, _ = generate(model, prompts, max_new_tokens=16, max_seq_len=MAX_SEQ, mtp=0)
+    for K in (1, 2, 3):
+        for batch in (prompts, prompts[:1]):
+            out, st = generate(model, batch, max_new_tokens=16, max_seq_len=MAX_SEQ, mtp=K)
+            assert out == plain[: len(batch)], f"K={K}, batch {len(batch)}"
+        if K == 1:
+            assert st.to_dict()["acceptance_per_position"][0] > 0.5  # a trained MTP layer drafts well
