@@ -13,6 +13,7 @@ counting, times tables, recited lists, copying and key-value recall, in plain an
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -412,6 +413,27 @@ def lr_at(step: int, s: TrainSettings) -> float:
 def train(s: TrainSettings, tokenizer_dir, log: Callable[[dict], None] | None = None) -> TrainResult:
     """Train dsv3-mini. `tokenizer_dir` receives the tokenizer files (trained on the corpus) first.
     Deterministic for `s.seed` at a fixed thread count."""
+    with fixed_threads(s.threads, deterministic=True):
+        return _train(s, tokenizer_dir, log)
+
+
+@contextmanager
+def fixed_threads(threads: int, deterministic: bool = False):
+    """Run with `threads` torch threads (and deterministic algorithms), restoring both after:
+    the caller's process (a test session, a CLI) keeps its own settings."""
+    import torch
+
+    before, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic or det)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(det)
+
+
+def _train(s: TrainSettings, tokenizer_dir, log) -> TrainResult:
     import time
     from pathlib import Path
 
@@ -421,8 +443,6 @@ def train(s: TrainSettings, tokenizer_dir, log: Callable[[dict], None] | None = 
     from .tokenizer import load_tokenizer, write_tokenizer_files
 
     torch.manual_seed(s.seed)
-    torch.set_num_threads(s.threads)
-    torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
 
     Path(tokenizer_dir).mkdir(parents=True, exist_ok=True)
@@ -547,13 +567,17 @@ def measure_mtp(ckpt, *, ks=(0, 1), max_new_tokens: int = 160, repeats: int = 3,
     with the speedup over K = 0. The benchmark proper is benchmarks/mtp.py."""
     import torch
 
+    with fixed_threads(threads):
+        return _measure_mtp(ckpt, ks, max_new_tokens, repeats, dtype or torch.bfloat16, prompts)
+
+
+def _measure_mtp(ckpt, ks, max_new_tokens, repeats, dtype, prompts) -> dict:
     from .generation import GenStats, generate
     from .loading import load_model
     from .tokenizer import load_tokenizer
 
-    torch.set_num_threads(threads)
     tok = load_tokenizer(ckpt)
-    model = load_model(ckpt, dtype=dtype or torch.bfloat16, max_seq_len=512)
+    model = load_model(ckpt, dtype=dtype, max_seq_len=512)
     ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in prompts or SAMPLE_PROMPTS_CHAT]
     best: dict[int, dict] = {}
     texts: dict[int, list[str]] = {}

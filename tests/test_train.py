@@ -166,3 +166,28 @@ def test_export_validates_and_loads_back(trained, tmp_path):
     torch.testing.assert_close(got[0], ref[0], atol=0.15, rtol=0.05)
     torch.testing.assert_close(got_m[0], ref_m[0], atol=0.15, rtol=0.05)
     assert (got[0].argmax(-1) == ref[0].argmax(-1)).float().mean() > 0.9
+
+
+def test_shipped_checkpoint_validates_answers_and_drafts_well():
+    """checkpoints/dsv3-mini (made by scripts/train_mini.py) stays valid and loadable as the code
+    evolves, answers a corpus question, and its MTP module's drafts are mostly accepted."""
+    from pathlib import Path
+
+    from dsv3cli.checkpoint import validate
+    from dsv3cli.generation import generate
+    from dsv3cli.loading import load_model
+    from dsv3cli.tokenizer import load_tokenizer
+
+    ck = Path(__file__).resolve().parent.parent / "checkpoints" / "dsv3-mini"
+    if not (ck / "model.safetensors.index.json").is_file():
+        pytest.skip("checkpoints/dsv3-mini is not built (python scripts/train_mini.py)")
+    rep = validate(ck)
+    assert rep.ok, rep.problems
+    tok = load_tokenizer(ck)
+    model = load_model(ck, dtype=torch.float32, max_seq_len=128)
+    assert model.has_mtp
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "List the months of the year."}]))
+    with train.fixed_threads(1):  # tiny matmuls: a second thread only adds contention
+        out, st = generate(model, [prompt], max_new_tokens=40, max_seq_len=128, mtp=1, eos_ids=tok.eos_ids)
+    assert tok.decode(out[0]).startswith("January, February, March, April")
+    assert st.accepted_at[0] / st.drafted_at[0] >= 0.85, st.to_dict()
