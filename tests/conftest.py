@@ -27,3 +27,15 @@ def tiny_fp8(tmp_path_factory) -> Path:
     from dsv3cli.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny_fp8"), seed=0, fp8=True, shards=3)
+
+
+@pytest.fixture(autouse=True)
+def _torch_single_threaded():
+    """Tests use tiny tensors: OpenMP's fork/join costs more than the ops and stalls badly on a
+    busy machine. (Code under test that runs its own worker threads still does so.)"""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

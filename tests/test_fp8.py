@@ -12,16 +12,6 @@ SHAPES = [(128, 128), (256, 384), (576, 300), (200, 129), (1, 5), (130, 1)]
 E4M3 = torch.float8_e4m3fn
 
 
-
-@pytest.fixture(autouse=True)
-def _torch_single_threaded():
-    """Small tensors: OpenMP's fork/join costs more than the ops and stalls on a busy machine.
-    (The code under test runs its own worker threads for large tensors.)"""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 

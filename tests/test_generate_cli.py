@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -22,14 +21,6 @@ from dsv3cli.tokenizer import load_tokenizer
 
 runner = CliRunner()
 FAST = ["--dtype", "float32", "--max-new-tokens", "6", "--max-seq-len", "64"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def gen(*args: str):

@@ -21,15 +21,6 @@ from dsv3cli.loading import load_model
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 40]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster, and immune to a busy machine's scheduling."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """A tiny DeepseekV3ForCausalLM (random, float32) saved by transformers, and our model loaded from it."""

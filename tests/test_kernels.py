@@ -31,16 +31,6 @@ gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="nee
 pytestmark = needs_kernels
 
 
-
-@pytest.fixture(autouse=True)
-def _torch_single_threaded():
-    """Small tensors: OpenMP's fork/join costs more than the ops and stalls on a busy machine.
-    (The code under test runs its own worker threads for large tensors.)"""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 def _u8(t):
     return t.view(torch.uint8)
 

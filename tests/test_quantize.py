@@ -27,16 +27,6 @@ runner = CliRunner()
 INDEX = "model.safetensors.index.json"
 
 
-
-@pytest.fixture(autouse=True)
-def _torch_single_threaded():
-    """Small tensors: OpenMP's fork/join costs more than the ops and stalls on a busy machine.
-    (The code under test runs its own worker threads for large tensors.)"""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 def _run(*args, env=None):
     r = runner.invoke(app, ["quantize", *map(str, args)], env=env)
     return r
