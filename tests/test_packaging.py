@@ -1,0 +1,32 @@
+"""The built wheel: our kernels install as `dsv3_kernels` (never the bare `kernels`, which is a
+Hugging Face package that transformers imports) and the data files travel with the code."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_layout_and_imports(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("dsv3-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dsv3_kernels/fp8.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
+    for data in ("dsv3cli/presets/deepseek-v3.json", "dsv3cli/presets/tiny.json", "dsv3cli/data/gpus.json"):
+        assert data in names, data
+    # Import from the wheel alone (pure Python, so zip-importable), away from the source tree.
+    code = (
+        "import importlib.util, dsv3cli, dsv3_kernels, dsv3cli.config as c;"
+        "assert dsv3cli.__file__.startswith(%r), dsv3cli.__file__;"
+        "assert dsv3_kernels.__file__.startswith(%r);"
+        "assert c.load_preset('deepseek-v3').hidden_size == 7168;"
+        "assert 'deepseek-v3' in c.preset_names()" % (str(wheel), str(wheel))
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env={"PYTHONPATH": str(wheel), "PATH": "/usr/bin:/bin"})
