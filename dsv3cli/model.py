@@ -238,6 +238,24 @@ class MoE(nn.Module):
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = MLP(D, inter, dist, reduce=False, **kw) if inter else None
         self.observer: RouteObserver | None = None
+        # The local experts' weights live in two stacked tensors that each expert's parameters
+        # view (so loading and state_dict see the usual per-expert names): a few tokens can then
+        # gather their experts' weights and run them all in one batched product, instead of a
+        # Python loop with one set of ops per expert that fired (decode is per-op-overhead bound).
+        # FP8 experts keep the loop: dequantization, not op count, dominates there.
+        self.gather_budget = 1 << 24  # bytes of gathered expert weights the batched path may hold
+        I, n_local = cfg.moe_intermediate_size, self.hi - self.lo
+        if not kw.get("fp8"):
+            dtype = kw["dtype"]
+            self.register_buffer("w13", torch.empty(n_local, 2 * I, D, dtype=dtype), persistent=False)  # [E_local,2I,D]: gate|up
+            self.register_buffer("w2", torch.empty(n_local, D, I, dtype=dtype), persistent=False)  # [E_local,D,I]: down
+            for e in range(self.lo, self.hi):
+                ex, j = self.experts[e], e - self.lo
+                ex.gate_proj.weight = nn.Parameter(self.w13[j, :I], requires_grad=False)
+                ex.up_proj.weight = nn.Parameter(self.w13[j, I:], requires_grad=False)
+                ex.down_proj.weight = nn.Parameter(self.w2[j], requires_grad=False)
+        else:
+            self.w13 = self.w2 = None
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
@@ -245,6 +263,23 @@ class MoE(nn.Module):
         w, idx, nobias = self.gate(x, want_nobias=self.observer is not None)
         if self.observer is not None:
             self.observer(self.layer_idx, idx, nobias, valid)
+        y = self.routed_batched(x, w, idx) if self.use_batched(idx.numel()) else self.routed_loop(x, w, idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if self.dist.world_size > 1:
+            tdist.all_reduce(y, group=self.dist.group)
+        return y.view(shape)
+
+    def use_batched(self, assignments: int) -> bool:
+        """The batched path for few (token, expert) pairs: its gathered weights stay under
+        `gather_budget`; never under autograd (training updates the per-expert parameters)."""
+        if self.w13 is None or torch.is_grad_enabled():
+            return False
+        per = (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+        return assignments * per <= self.gather_budget
+
+    def routed_loop(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [N,D], w/idx [N,K] -> this rank's routed output [N,D]: one pass per expert that fired."""
         y = torch.zeros_like(x)
         counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
         for e in range(self.lo, self.hi):
@@ -252,11 +287,23 @@ class MoE(nn.Module):
                 continue
             tok, slot = torch.where(idx == e)
             y.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None].to(x.dtype))
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        if self.dist.world_size > 1:
-            tdist.all_reduce(y, group=self.dist.group)
-        return y.view(shape)
+        return y
+
+    def routed_batched(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The same as `routed_loop` with a fixed number of ops: every (token, expert) pair gets
+        its expert's weights gathered and all pairs run as one batched SwiGLU."""
+        N, K = idx.shape
+        e = idx.flatten()  # [A], A = N*K pairs
+        tok = torch.arange(N, device=x.device).repeat_interleave(K)  # [A]
+        wt = w.flatten()  # [A]
+        if self.dist.world_size > 1:  # only the pairs whose expert lives on this rank
+            mine = (e >= self.lo) & (e < self.hi)
+            e, tok, wt = e[mine] - self.lo, tok[mine], wt[mine]
+        xs = x[tok].unsqueeze(1)  # [A,1,D]
+        gu = torch.bmm(xs, self.w13[e].transpose(1, 2))  # [A,1,2I]
+        g, u = gu.chunk(2, dim=-1)  # [A,1,I] each
+        out = torch.bmm(F.silu(g) * u, self.w2[e].transpose(1, 2)).squeeze(1)  # [A,D]
+        return torch.zeros_like(x).index_add_(0, tok, out * wt.unsqueeze(1).to(x.dtype))
 
 
 # ---- blocks ------------------------------------------------------------------------------------------
