@@ -14,6 +14,8 @@ Examples:
 
   dsv3 generate ./ckpt --nproc 2 --mtp 2 --prompt "Hello"
 
+  dsv3 generate ./ckpt --threads 1 --prompt "Hello"     (small model, busy machine)
+
   dsv3 generate ./ckpt            (interactive chat)
 """
 
@@ -28,7 +30,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import DsvError, UsageError
-from ..options import Device, DeviceOpt, DType, DTypeOpt, JsonOpt, NprocOpt, SeedOpt
+from ..options import Device, DeviceOpt, DType, DTypeOpt, JsonOpt, NprocOpt, SeedOpt, ThreadsOpt
 
 NAME = "generate"
 NO_ARGS_IS_HELP = True
@@ -51,6 +53,7 @@ def command(
     dtype: DTypeOpt = DType.auto,
     device: DeviceOpt = Device.auto,
     nproc: NprocOpt = 1,
+    threads: ThreadsOpt = None,
     mtp: Annotated[Optional[int], typer.Option("--mtp", min=0, help="Draft tokens per step with the MTP layer (default 1 when the checkpoint has one; 0 = off).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -61,6 +64,7 @@ def command(
         "ckpt": str(ckpt), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
         "top_k": top_k, "seed": seed, "max_seq_len": max_seq_len, "batch_size": batch_size,
         "dtype": dtype.value, "device": device.value, "mtp": mtp, "json": json_out, "raw": raw,
+        "threads": threads,
     }
     Sampling(temperature, top_k, top_p).check()
     cfg = _config(ckpt)
@@ -210,6 +214,8 @@ def run_rank(job: dict[str, Any]) -> None:
         ck = Checkpoint(ckpt)
         dtype = "float32" if ck.dtype("model.embed_tokens.weight") == "F32" else "bfloat16"
     torch_dtype = getattr(torch, dtype)
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
     dist = init_distributed(device)
     main = dist.rank == 0
     if not main:
