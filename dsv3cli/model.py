@@ -43,6 +43,7 @@ class Positions(NamedTuple):
     pos: torch.Tensor  # [B,T] cache position of each token
     cos: torch.Tensor  # [B,T,1,R] rope tables at those positions (see rope_tables)
     sin: torch.Tensor
+    slots: torch.Tensor  # [B*T] row b's position p as an index into the flattened cache: b * max_seq_len + p
     S: int  # cache length read: max position + 1
     hide: torch.Tensor | None  # [B,T,S] True where a cached position is not visible; None: all are
 
@@ -130,7 +131,7 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, at: "Positions") -> torch.Tensor:
         B, T, _ = x.shape
-        pos, cos, sin, S, hide = at
+        pos, cos, sin, slots, S, hide = at
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
@@ -141,7 +142,8 @@ class MLA(nn.Module):
         # One rotation for the query heads and the shared key: [B,T,H+1,R]
         q_pe, k_pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos, sin).split([self.h, 1], dim=2)
         k_pe = k_pe.squeeze(2)
-        self.kv_cache[torch.arange(B, device=x.device).unsqueeze(1), pos] = torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1)
+        new = torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1)  # [B,T,C+R]
+        self.kv_cache.view(-1, new.shape[-1]).index_copy_(0, slots, new.view(-1, new.shape[-1]))
         cache = self.kv_cache[:B, :S]  # [B,S,C+R]
         kv = cache[..., : self.c]  # [B,S,C]
 
@@ -280,6 +282,7 @@ class MoE(nn.Module):
             dtype = kw["dtype"]
             self.register_buffer("w13", torch.empty(n_local, 2 * I, D, dtype=dtype), persistent=False)  # [E_local,2I,D]: gate|up
             self.register_buffer("w2", torch.empty(n_local, D, I, dtype=dtype), persistent=False)  # [E_local,D,I]: down
+            self.pair_bytes = 3 * I * D * self.w13.element_size()  # weights gathered per (token, expert) pair
             for e in range(self.lo, self.hi):
                 ex, j = self.experts[e], e - self.lo
                 ex.gate_proj.weight = nn.Parameter(self.w13[j, :I], requires_grad=False)
@@ -306,8 +309,7 @@ class MoE(nn.Module):
         `gather_budget`; never under autograd (training updates the per-expert parameters)."""
         if self.w13 is None or torch.is_grad_enabled():
             return False
-        per = (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
-        return assignments * per <= self.gather_budget
+        return assignments * self.pair_bytes <= self.gather_budget
 
     def routed_loop(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N,D], w/idx [N,K] -> this rank's routed output [N,D]: one pass per expert that fired."""
@@ -457,7 +459,8 @@ class Transformer(nn.Module):
             raise DsvError(f"position {S - 1} is outside the cache (max_seq_len {self.max_seq_len})")
         # One new token per sequence, all at the same position: every cached position is visible.
         hide = None if T == 1 and hi == lo else torch.arange(S, device=tokens.device) > pos.unsqueeze(-1)  # [B,T,S]
-        return Positions(pos, self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2), S, hide)
+        slots = (pos + torch.arange(B, device=pos.device).unsqueeze(1) * self.max_seq_len).flatten()
+        return Positions(pos, self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2), slots, S, hide)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor, valid: torch.Tensor | None = None):
