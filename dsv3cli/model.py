@@ -231,10 +231,21 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        self._weight_f32: tuple[int, torch.Tensor] | None = None  # (weight version it was made from, copy)
+
+    def weight_f32(self) -> torch.Tensor:
+        """The router weight in float32: a copy made once (and again after the weight changes in
+        place), not a conversion of the whole [E,D] matrix per call."""
+        w = self.weight
+        if w.dtype == torch.float32:
+            return w
+        if self._weight_f32 is None or self._weight_f32[0] != w._version:
+            self._weight_f32 = (w._version, w.float())
+        return self._weight_f32[1]
 
     def forward(self, x: torch.Tensor, want_nobias: bool = False):
         """x [N,D] -> weights [N,K] float32, experts [N,K], experts chosen without the bias [N,K] | None."""
-        logits = F.linear(x.float(), self.weight.float())  # [N,E]
+        logits = F.linear(x.float(), self.weight_f32() if not torch.is_grad_enabled() else self.weight.float())  # [N,E]
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         idx = self._select(scores, self.e_score_correction_bias)
         nobias = self._select(scores, None) if want_nobias and self.e_score_correction_bias is not None else None

@@ -451,3 +451,24 @@ def test_batched_experts_equal_the_expert_loop(dtype, tol):
         with torch.no_grad():
             assert not moe.use_batched(1)
         assert not _moe(cfg.replace(), dtype, dist, 0).use_batched(1)  # grad mode on: loop (training)
+
+
+def test_router_float32_copy_is_made_once_and_follows_the_weight():
+    from dsv3cli.config import load_preset
+    from dsv3cli.model import Gate
+
+    cfg = load_preset("tiny")
+    gate = Gate(cfg, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g))
+        x = torch.randn(5, cfg.hidden_size, generator=g).to(torch.bfloat16)
+        first = gate(x)
+        kept = gate.weight_f32()
+        assert kept is gate.weight_f32() and torch.equal(kept, gate.weight.float())
+        with torch.enable_grad():
+            ref = gate(x)  # the uncached conversion
+        assert all(torch.equal(a, b) for a, b in zip(first[:2], ref[:2]))
+        gate.weight.mul_(-1)  # an in-place change (as loading does) must not leave a stale copy
+        assert torch.equal(gate.weight_f32(), gate.weight.float())
+        assert not torch.equal(gate(x)[1], first[1])
