@@ -84,6 +84,14 @@ def peer_failures(dist: Dist) -> Iterator[None]:
         ) from e
 
 
+def leave(dist: Dist) -> None:
+    """Leave the process group together: a rank that exits while its gloo threads still talk to
+    a peer aborts ("terminate called without an active exception")."""
+    if dist.world_size > 1:
+        tdist.barrier(group=dist.group)
+        tdist.destroy_process_group()
+
+
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines() or [type(e).__name__]
     return re.sub(r"\[[^\]]*\.(cc|cpp|hpp):\d+\]\s*", "", lines[0])[:200]  # drop C++ source locations

@@ -205,7 +205,7 @@ def run_rank(job: dict[str, Any]) -> None:
     from ..checkpoint import Checkpoint
     from ..generation import GenStats, Sampling, generate, make_generator
     from ..loading import load_model
-    from ..parallel import init_distributed, peer_failures
+    from ..parallel import init_distributed, leave, peer_failures
 
     ckpt = Path(job["ckpt"])
     device = job["device"]
@@ -238,7 +238,7 @@ def run_rank(job: dict[str, Any]) -> None:
                   mtp=mtp, eos_ids=eos, generator=g, dist=dist)
         if chat:
             _chat(model, tok, kw, job, dist)
-            _leave(dist)
+            leave(dist)
             return
         stats = GenStats()
         results: list[dict[str, Any]] = []
@@ -256,22 +256,12 @@ def run_rank(job: dict[str, Any]) -> None:
                     whole.finish()
                 if main and not job["json"]:
                     print("\n" if len(prompts) > 1 else "", flush=True)
-        _leave(dist)
+        leave(dist)
     if main:
         s = stats.to_dict()
         if job["json"]:
             print(json.dumps({"outputs": results, "stats": s}, indent=2))
         print(summary(s), file=sys.stderr)
-
-
-def _leave(dist) -> None:
-    """Leave the process group together: a rank that exits while its gloo threads still talk to
-    a peer aborts ("terminate called without an active exception")."""
-    if dist.world_size > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier(group=dist.group)
-        tdist.destroy_process_group()
 
 
 def _text(tok, ids: list[int], eos: list[int]) -> str | None:

@@ -70,16 +70,17 @@ def command(
 
 def run_rank(job: dict[str, Any]) -> None:
     """One process (rank) of the run; rank 0 renders."""
-    from ..parallel import init_distributed
+    from ..parallel import Dist, init_distributed, leave, peer_failures
     from ..profiling import ProfileRequest, resolve_device, run_profile
 
     fields = {k: v for k, v in job.items() if k != "json"}
     for k in ("checkpoint", "prompts_file", "out"):
         fields[k] = Path(fields[k]) if fields[k] else None
     req = ProfileRequest(**fields)
-    dist = init_distributed(resolve_device(req.device)) if _distributed() else None
-    with _progress(enabled=dist is None or dist.rank == 0) as bar:
+    dist = init_distributed(resolve_device(req.device)) if _distributed() else Dist()
+    with peer_failures(dist), _progress(enabled=dist.rank == 0) as bar:
         doc = run_profile(req, progress=bar, dist=dist)
+        leave(dist)
     if doc is None:
         return
     if job["json"]:
