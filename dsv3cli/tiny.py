@@ -99,8 +99,6 @@ def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int 
     import torch
 
     from .fp8 import quantize_weight
-    from .tokenizer import write_tokenizer_files
-
     if shards < 1:
         raise DsvError(f"--shards {shards}: must be at least 1")
     cfg = tiny_config(preset, fp8=fp8, config=config)
@@ -143,17 +141,26 @@ def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int 
     names = list(tensors)
     sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
     groups = _split(names, sizes, shards, fp8)
+    write_checkpoint(out, cfg, tensors, groups, vocab_size=min(cfg.vocab_size, 4096), model_max_length=cfg.max_position_embeddings)
+    return out
+
+
+def write_checkpoint(out: Path, cfg: ModelConfig, tensors: dict, groups: list[list[str]], **tokenizer_kw) -> int:
+    """Write a hub-layout folder from tensors already in storage order: one shard per group
+    (named as the hub's), config.json, generation_config.json, the tokenizer files
+    (`tokenizer.write_tokenizer_files(**tokenizer_kw)`), and the index last, so a folder with an
+    index is complete. Returns the bytes of tensor data."""
+    from .tokenizer import write_tokenizer_files
+
     weight_map: dict[str, str] = {}
     total = 0
     for i, group in enumerate(groups, 1):
         fname = shard_file_name(i, len(groups))
         total += save_shard({k: tensors[k] for k in group}, out / fname, metadata={"format": "pt"})
-        weight_map.update({k: fname for k in group})
-
-    cfg_d = cfg.to_dict()
-    write_json(out / "config.json", dict(sorted(cfg_d.items())))
+        weight_map.update(dict.fromkeys(group, fname))
+    write_json(out / "config.json", dict(sorted(cfg.to_dict().items())))
     gen = dict(GENERATION_CONFIG, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
     write_json(out / "generation_config.json", dict(sorted(gen.items())))
-    write_tokenizer_files(out, min(cfg.vocab_size, 4096), model_max_length=cfg.max_position_embeddings)
+    write_tokenizer_files(out, **tokenizer_kw)
     write_index(out, weight_map, total)
-    return out
+    return total

@@ -525,9 +525,7 @@ def export(model, out, s: TrainSettings, shards: int = 2) -> int:
     bytes of tensor data."""
     from pathlib import Path
 
-    from .checkpoint import save_shard, shard_file_name, write_index, write_json
-    from .tiny import GENERATION_CONFIG
-    from .tokenizer import write_tokenizer_files
+    from .tiny import write_checkpoint
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -543,18 +541,8 @@ def export(model, out, s: TrainSettings, shards: int = 2) -> int:
     groups = [g for g in groups if g]
     for p in out.glob("model*.safetensors*"):  # a stale shard of a previous export must not linger
         p.unlink()
-    weight_map: dict[str, str] = {}
-    written = 0
-    for i, g in enumerate(groups, 1):
-        fname = shard_file_name(i, len(groups))
-        written += save_shard({n: tensors[n] for n in g}, out / fname, metadata={"format": "pt"})
-        weight_map.update({n: fname for n in g})
-    write_json(out / "config.json", dict(sorted(cfg.to_dict().items())))
-    gen = dict(GENERATION_CONFIG, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
-    write_json(out / "generation_config.json", dict(sorted(gen.items())))
-    write_tokenizer_files(out, s.vocab_size, model_max_length=4096, text=corpus_text_sample(s.seed, s.tokenizer_docs))
-    write_index(out, weight_map, written)
-    return written
+    return write_checkpoint(out, cfg, tensors, groups, vocab_size=s.vocab_size, model_max_length=4096,
+                            text=corpus_text_sample(s.seed, s.tokenizer_docs))
 
 
 # ---- a quick MTP measurement --------------------------------------------------------------------
