@@ -53,8 +53,8 @@ def test_prompt_ids_json_document(tiny_bf16):
     assert s["mtp"] == 2 and len(s["acceptance_per_position"]) == 2
     line = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(line) == 1 and "decode" in line[0] and "MTP 2" in line[0]
-    # the same ids without MTP: identical greedy tokens
-    r0 = gen(tiny_bf16, "--prompt-ids", "0,5,6,7", "--prompt-ids", "3,4", "--json", "--mtp", "0", *FAST)
+    # the same ids without MTP (and on one thread): identical greedy tokens
+    r0 = gen(tiny_bf16, "--prompt-ids", "0,5,6,7", "--prompt-ids", "3,4", "--json", "--mtp", "0", "--threads", "1", *FAST)
     assert [o["generated_ids"] for o in json.loads(r0.stdout)["outputs"]] == [o["generated_ids"] for o in doc["outputs"]]
 
 
@@ -123,6 +123,7 @@ def test_bad_input_one_line(tiny_bf16, tmp_path):
     r = gen(no_mtp, "--prompt-ids", "1,2", "--json", *FAST)  # the default --mtp is 0 here
     assert r.exit_code == 0 and json.loads(r.stdout)["stats"]["mtp"] == 0
     one_error_line(gen(tiny_bf16, "--prompt-ids", "1", "--top-p", "0"), 2, "--top-p")
+    assert gen(tiny_bf16, "--prompt-ids", "1", "--threads", "0").exit_code == 2  # click's range check
     one_error_line(gen(tiny_bf16), 2, "no prompt")  # stdin is not a terminal here
     one_error_line(gen(tmp_path / "nowhere", "--prompt-ids", "1"), 1, "nowhere")
     bad = tmp_path / "bad.jsonl"
