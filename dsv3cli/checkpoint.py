@@ -328,20 +328,18 @@ class Checkpoint:
 
     def get(self, name: str):
         """The whole tensor (torch, on the CPU)."""
-        self.info(name)
-        shard = self.weight_map[name]
-        try:
-            return self._handle(shard).get_tensor(name)
-        except Exception as e:  # noqa: BLE001
-            raise DsvError(f"{shard}: cannot read {name} ({e})") from e
+        return self._read(name, "get_tensor")
 
     def get_slice(self, name: str):
         """A lazy safetensors slice: `sl[a:b]`, `sl[:, a:b]` read only those rows/columns."""
+        return self._read(name, "get_slice")
+
+    def _read(self, name: str, method: str):
         self.info(name)
         shard = self.weight_map[name]
         try:
-            return self._handle(shard).get_slice(name)
-        except Exception as e:  # noqa: BLE001
+            return getattr(self._handle(shard), method)(name)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise DsvError(f"{shard}: cannot read {name} ({e})") from e
 
     def close(self) -> None:

@@ -350,37 +350,30 @@ def format_value(v: Any, fmt: str) -> str:
         return "—"
     if fmt == "text" or isinstance(v, str):
         return str(v)
-    if fmt == "int":
-        return f"{v:,.0f}"
     if fmt == "params":
-        for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-            if abs(v) >= div:
-                return f"{v / div:,.2f}{unit}"
-        return f"{v:,.0f}"
+        return _scaled(v, ("T", "B", "M", "K"), "", "")
     if fmt == "bytes":
-        for div, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
-            if abs(v) >= div:
-                return f"{v / div:,.2f} {unit}"
-        return f"{v:,.0f} B"
+        return _scaled(v, ("TB", "GB", "MB", "KB"), " ", " B")
     if fmt == "gflop":
         return f"{v / 1e9:,.1f}"
-    if fmt == "flops":
-        return f"{v:.3e}"
-    if fmt == "hours":
-        return f"{v:,.0f}"
-    if fmt == "usd":
-        return f"${v:,.0f}"
-    if fmt == "usd3":
-        return f"${v:,.3f}"
     if fmt == "pct":
         return f"{100 * v:,.1f}%"
-    if fmt == "f1":
-        return f"{v:,.1f}"
-    if fmt == "f2":
-        return f"{v:,.2f}"
-    if fmt == "x":
-        return f"{v:,.1f}x"
-    return str(v)
+    simple = _SIMPLE_FORMATS.get(fmt)
+    return simple.format(v) if simple else str(v)
+
+
+_SIMPLE_FORMATS = {
+    "int": "{:,.0f}", "hours": "{:,.0f}", "flops": "{:.3e}", "usd": "${:,.0f}", "usd3": "${:,.3f}",
+    "f1": "{:,.1f}", "f2": "{:,.2f}", "x": "{:,.1f}x",
+}
+
+
+def _scaled(v: float, units: tuple[str, ...], sep: str, plain_suffix: str) -> str:
+    """v with the largest of 1e12, 1e9, 1e6, 1e3 it reaches, named by `units`."""
+    for div, unit in zip((1e12, 1e9, 1e6, 1e3), units):
+        if abs(v) >= div:
+            return f"{v / div:,.2f}{sep}{unit}"
+    return f"{v:,.0f}{plain_suffix}"
 
 
 # ---- parameters table ------------------------------------------------------------------------

@@ -699,10 +699,9 @@ def convert_checkpoint(
         raise UsageError(f"--device {device}: must be auto, cpu or cuda")
     if workers is not None and workers < 1:
         raise UsageError(f"--workers {workers}: must be at least 1")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise DsvError("--device cuda: no CUDA device is available; use --device cpu")
+    from .parallel import resolve_device
+
+    device = resolve_device(device)
 
     ckpt = Checkpoint(src)
     cfg = ckpt.config  # DsvError for a config.json of another architecture

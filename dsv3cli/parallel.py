@@ -36,6 +36,22 @@ from .errors import DsvError
 BLOCK = 128  # FP8 block size of the hub format (weight_block_size [128, 128])
 
 
+def resolve_device(device: str) -> str:
+    """--device auto|cpu|cuda -> the device to use; cuda asked for but absent is bad input."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DsvError("--device cuda: CUDA is not available on this machine (torch sees no GPU); use --device cpu")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None) -> torch.dtype:
+    """--dtype auto|bfloat16|float32 -> compute dtype; auto is float32 only for F32 checkpoints."""
+    if dtype == "auto":
+        return torch.float32 if checkpoint_dtype == "F32" else torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0

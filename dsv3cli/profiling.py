@@ -676,24 +676,6 @@ class ProfileRequest:
     heatmap: bool = True
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DsvError("--device cuda: no CUDA device is available; use --device cpu")
-    return device
-
-
-def resolve_dtype(dtype: str, checkpoint_dtype: str | None):
-    import torch
-
-    if dtype == "auto":
-        return torch.float32 if checkpoint_dtype == "F32" else torch.bfloat16
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-
-
 def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[[int], None]] | None = None,
                 dist: Any = None) -> dict[str, Any] | None:
     """Load, route the prompts, and return the summary document (rank 0; None on other ranks).
@@ -742,7 +724,7 @@ def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[
                                "(or pass --no-heatmap)") from e
 
     from .loading import load_model
-    from .parallel import Dist
+    from .parallel import Dist, resolve_device, resolve_dtype
 
     dist = dist or Dist()
     device = resolve_device(req.device)

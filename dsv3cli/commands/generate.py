@@ -77,7 +77,9 @@ def command(
         from ..parallel import Dist
 
         check_divisible(cfg, Dist(rank=0, world_size=world))
-    job["device"] = _device(device.value)
+    from ..parallel import resolve_device
+
+    job["device"] = resolve_device(device.value)
     if prompt or prompt_ids or file:
         job["prompts"] = prepare_prompts(ckpt, cfg, prompt or [], prompt_ids or [], file, raw, max_seq_len)
     elif sys.stdin.isatty() and not json_out:
@@ -101,16 +103,6 @@ def _config(ckpt: Path):
     if not ckpt.is_dir():
         raise DsvError(f"{ckpt}: not a checkpoint folder")
     return ModelConfig.from_json(ckpt)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DsvError("--device cuda: CUDA is not available on this machine (torch sees no GPU); use --device cpu")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _tokenizer(ckpt: Path, why: str):
@@ -205,15 +197,12 @@ def run_rank(job: dict[str, Any]) -> None:
     from ..checkpoint import Checkpoint
     from ..generation import GenStats, Sampling, generate, make_generator
     from ..loading import load_model
-    from ..parallel import init_distributed, leave, peer_failures
+    from ..parallel import init_distributed, leave, peer_failures, resolve_dtype
 
     ckpt = Path(job["ckpt"])
     device = job["device"]
-    dtype = job["dtype"]
-    if dtype == "auto":
-        ck = Checkpoint(ckpt)
-        dtype = "float32" if ck.dtype("model.embed_tokens.weight") == "F32" else "bfloat16"
-    torch_dtype = getattr(torch, dtype)
+    auto = job["dtype"] == "auto"
+    torch_dtype = resolve_dtype(job["dtype"], Checkpoint(ckpt).dtype("model.embed_tokens.weight") if auto else None)
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     dist = init_distributed(device)

@@ -70,8 +70,8 @@ def command(
 
 def run_rank(job: dict[str, Any]) -> None:
     """One process (rank) of the run; rank 0 renders."""
-    from ..parallel import Dist, init_distributed, leave, peer_failures
-    from ..profiling import ProfileRequest, resolve_device, run_profile
+    from ..parallel import Dist, init_distributed, leave, peer_failures, resolve_device
+    from ..profiling import ProfileRequest, run_profile
 
     fields = {k: v for k, v in job.items() if k != "json"}
     for k in ("checkpoint", "prompts_file", "out"):
