@@ -24,7 +24,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import hub
 from ..errors import DsvError
 from ..options import JsonOpt, RevisionOpt, TokenOpt
 
@@ -57,6 +56,8 @@ def command(
 ) -> None:
     from huggingface_hub.utils import logging as hf_logging
 
+    from .. import hub
+
     # Its retry warnings would tear the progress bar; our own one-line errors say what failed.
     hf_logging.set_verbosity_error()
     repo_id = hub.resolve_repo(repo)
@@ -74,6 +75,8 @@ def command(
 
 
 def _render_plan(plan: hub.Plan, as_json: bool) -> None:
+    from .. import hub
+
     if as_json:
         print(json.dumps(plan.as_dict(), indent=2))
         return
@@ -100,6 +103,8 @@ def _render_plan(plan: hub.Plan, as_json: bool) -> None:
 
 
 def _render_result(result: hub.DownloadResult, as_json: bool) -> None:
+    from .. import hub
+
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
         return
