@@ -409,10 +409,10 @@ def _moe(cfg, dtype, dist, seed):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_batched_experts_equal_the_expert_loop(dtype, tol):
-    """The batched small-N expert path against the per-expert loop and a float64 loop, on fresh
-    random inputs at ragged token counts, also for one rank's slice of the experts (world 2),
-    and the switch back to the loop when the gathered weights would exceed the budget."""
+def test_batched_and_dense_experts_equal_the_expert_loop(dtype, tol):
+    """The batched and the dense small-N expert paths against the per-expert loop and a float64
+    loop, on fresh random inputs at ragged token counts, also for one rank's slice of the experts
+    (world 2), and the switch back to the loop when the weights would exceed the budgets."""
     from dsv3cli.config import load_preset
 
     cfg = load_preset("tiny").replace(moe_intermediate_size=40, hidden_size=72)  # not multiples of 128
@@ -429,19 +429,25 @@ def test_batched_experts_equal_the_expert_loop(dtype, tol):
             with torch.no_grad():
                 assert moe.use_batched(idx.numel())
                 fast = moe.routed_batched(x, w, idx)
+                dense = moe.routed_dense(x, w, idx)
                 loop = moe.routed_loop(x, w, idx)
                 exact = ref.routed_loop(x.double(), w.double(), idx)
-            assert fast.dtype == dtype and fast.shape == x.shape
-            assert rel_err(fast, exact) <= tol and rel_err(loop, exact) <= tol
-            if dtype == torch.float32:
-                assert rel_err(fast, loop) <= 1e-6
-            # Pairs of experts owned by the other rank contribute nothing here.
-            if world > 1 and not ((idx >= moe.lo) & (idx < moe.hi)).any():
-                assert not fast.any()
-        moe.gather_budget = 0
+            for y in (fast, dense):
+                assert y.dtype == dtype and y.shape == x.shape
+                assert rel_err(y, exact) <= tol
+                if dtype == torch.float32:
+                    assert rel_err(y, loop) <= 1e-6
+                # Pairs of experts owned by the other rank contribute nothing here.
+                if world > 1 and not ((idx >= moe.lo) & (idx < moe.hi)).any():
+                    assert not y.any()
+            assert rel_err(loop, exact) <= tol
+        per_token = moe.w13.shape[0] * (moe.w13[0].numel() + moe.w2[0].numel())
+        moe.gather_budget, moe.dense_budget = 0, 2 * per_token
         with torch.no_grad():
             assert not moe.use_batched(1)
-        assert not _moe(cfg.replace(), dtype, dist, 0).use_batched(1)  # grad mode on: loop (training)
+            assert moe.use_dense(2) and not moe.use_dense(3)
+        fresh = _moe(cfg.replace(), dtype, dist, 0)
+        assert not fresh.use_batched(1) and not fresh.use_dense(1)  # grad mode on: loop (training)
 
 
 def test_router_float32_copy_is_made_once_and_follows_the_weight():
