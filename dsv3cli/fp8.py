@@ -3,7 +3,9 @@ references, fast CPU paths, and whole-checkpoint conversion.
 
 Boundary: this module owns the numbers (scales, rounding, codes) and the conversion of a
 checkpoint folder; it reads and writes checkpoints only through `dsv3cli.checkpoint`.
-Triton versions of the same kernels live in `dsv3_kernels.fp8` (used on CUDA).
+Triton versions of the same kernels live in `dsv3_kernels.fp8` (used on CUDA); fused C
+versions of the CPU paths in `dsv3_kernels.cpu` (used when a C compiler is at hand, unless
+DSV3_CPU_KERNEL=0; the torch paths here are their fallback and a second reference).
 
 The format, exactly (each fast path and kernel must equal the `*_ref` function bit for bit):
 - Weight blocks are 128x128 (activation tiles 1x128); a block at a ragged edge uses only its
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -81,7 +84,8 @@ def _scales_ref(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
     s = (amax / FP8_MAX).to(torch.float32).to(torch.float64)
     if scale_fmt == "ue8m0":
         m, e = torch.frexp(s)  # s = m * 2**e; ceil(log2 s) = e - 1 exactly when m == 0.5
-        s = torch.ldexp(torch.ones_like(s), (e - (m == 0.5).to(e.dtype)).to(torch.float64))
+        p2 = torch.ldexp(torch.ones_like(s), (e - (m == 0.5).to(e.dtype)).to(torch.float64))
+        s = torch.where(torch.isfinite(s), p2, s)  # NaN/Inf stay (frexp would make them 1)
     return s.to(torch.float32)
 
 
@@ -108,7 +112,7 @@ def quantize_weight_ref(w: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch
 def act_quant_ref(x: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
     """float64 reference of `act_quant`: x [..., k] -> (q [..., k], s float32 [..., ceil(k/128)])."""
     lead, k = x.shape[:-1], x.shape[-1]
-    q, s = _quantize_ref(x.reshape(-1, k), 1, BLOCK, scale_fmt)
+    q, s = _quantize_ref(x.reshape(math.prod(lead), k), 1, BLOCK, scale_fmt)
     return q.view(*lead, k), s.view(*lead, s.shape[-1])
 
 
@@ -169,7 +173,8 @@ def _block_scales(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
     s = amax.clamp(min=AMAX_FLOOR) / FP8_MAX
     if scale_fmt == "ue8m0":
         m, e = torch.frexp(s)
-        s = torch.ldexp(torch.ones_like(s), e - (m == 0.5).to(e.dtype)).to(torch.float32)
+        p2 = torch.ldexp(torch.ones_like(s), e - (m == 0.5).to(e.dtype)).to(torch.float32)
+        s = torch.where(torch.isfinite(s), p2, s)  # NaN/Inf stay non-finite, as in the reference
     return s
 
 
@@ -212,6 +217,35 @@ def _run_parallel(n: int, work: Callable[[Sequence[int]], None], workers: int) -
                 f.result()
     finally:
         torch.set_num_threads(prev)
+
+
+def _c_kernels():
+    """The fused C kernels (`dsv3_kernels.cpu.CpuKernels`), or None: DSV3_CPU_KERNEL=0, no C
+    compiler, a failed build or a broken install; the torch paths below are the fallback."""
+    try:
+        from dsv3_kernels.cpu import load
+    except ImportError as exc:
+        if os.environ.get("DSV3_DEBUG") == "1":
+            print(f"dsv3: C kernels unavailable, using the torch path: {exc}", file=sys.stderr)
+        return None
+    return load()
+
+
+def _c_workers(n: int, workers: int | None) -> int:
+    if n < _PARALLEL_MIN:
+        return 1  # a thread pool costs more than it saves on small tensors
+    return default_workers() if workers is None else workers
+
+
+def _quantize_c(kern, w: torch.Tensor, br: int, scale_fmt: str, workers: int | None, out: torch.Tensor | None):
+    """`_quantize_fast` by the C kernel, for contiguous bfloat16/float32 `w` [o, i] on the CPU."""
+    o, i = w.shape
+    q = torch.empty(o, i, dtype=_FP8) if out is None else out
+    s = torch.empty(_cdiv(o, br), _cdiv(i, BLOCK), dtype=torch.float32)
+    if o * i:
+        kern.quantize(w.data_ptr(), q.data_ptr(), s.data_ptr(), o, i, br=br, in_f32=w.dtype == torch.float32,
+                      ue8m0=scale_fmt == "ue8m0", workers=_c_workers(o * i, workers))
+    return q, s
 
 
 _INT_OF = {2: torch.int16, 4: torch.int32}
@@ -289,13 +323,23 @@ def quantize_weight(
         raise ValueError(f"quantize_weight expects a 2-D weight, got shape {tuple(w.shape)}")
     if out is not None and (out.dtype != _FP8 or tuple(out.shape) != tuple(w.shape) or not out.is_contiguous()):
         raise ValueError("out must be a contiguous float8_e4m3fn tensor of the weight's shape")
+    _check_fmt(scale_fmt)
+    kern = _c_kernels() if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32) else None
+    if kern is not None:
+        return _quantize_c(kern, w.contiguous(), BLOCK, scale_fmt, workers, out)
     return _quantize_fast(w.contiguous(), BLOCK, scale_fmt, workers, out)
 
 
 def act_quant(x: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., k] -> (q float8_e4m3fn [..., k], s float32 [..., ceil(k/128)]): per token per 128 channels."""
+    _check_fmt(scale_fmt)
     lead, k = x.shape[:-1], x.shape[-1]
-    q, s = _quantize_fast(x.reshape(-1, k).contiguous(), 1, scale_fmt, None)
+    x2 = x.reshape(math.prod(lead), k).contiguous()  # [tokens, k] (k may be 0)
+    kern = _c_kernels() if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) else None
+    if kern is not None:
+        q, s = _quantize_c(kern, x2, 1, scale_fmt, None, None)
+    else:
+        q, s = _quantize_fast(x2, 1, scale_fmt, None)
     return q.view(*lead, k), s.view(*lead, s.shape[-1])
 
 
@@ -334,10 +378,16 @@ def dequantize_weight(
         out = torch.empty(o, i, dtype=dtype)
     q = q.contiguous()
     s = s.to(torch.float32).contiguous()
-    qb = q.view(torch.uint8)
-    # Codes 0x7f / 0xff are NaN; the bit path would read them as 480: let torch handle those.
     if o * i == 0:
         return out
+    kern = _c_kernels() if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) else None
+    if kern is not None:  # NaN codes and any scale included
+        res = out if out.dtype == dtype and out.is_contiguous() else torch.empty(o, i, dtype=dtype)
+        kern.dequantize(q.data_ptr(), s.data_ptr(), res.data_ptr(), o, i, out_f32=dtype == torch.float32,
+                        workers=_c_workers(o * i, workers))
+        return res if res is out else out.copy_(res)
+    qb = q.view(torch.uint8)
+    # Codes 0x7f / 0xff are NaN; the bit path would read them as 480: let torch handle those.
     with _single_threaded() if o * i < _PARALLEL_MIN else contextlib.nullcontext():
         slow = bool(qb.max() == 255) or bool(qb.view(torch.int8).max() == 127) or bool(s.abs().max() >= 2.0**7)
     if slow:

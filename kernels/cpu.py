@@ -1,0 +1,188 @@
+"""Builds, loads and runs the fused C kernels of `cpu_fp8.c` (FP8 dequantize / quantize on the CPU).
+
+Boundary: compiling, caching and loading the shared library, and running its functions over
+whole tensors given as raw addresses, rows split across threads. No torch and no numpy here,
+so the checkpoint conversion can use the kernels without importing either. `load()` returns a
+`CpuKernels`, or None when the kernels are switched off (DSV3_CPU_KERNEL=0), there is no C
+compiler, or the build fails (the reason is printed only under DSV3_DEBUG=1); callers then
+use their torch path. `dsv3cli.fp8` owns the format, its references and the shape checks.
+
+The library is compiled once with `$CC` (default `cc`) and `-O3 -march=native` into
+`$DSV3_CACHE/kernels` (default `~/.cache/dsv3/kernels`). Its file name carries a hash of the
+source, the compiler command, the flags and the CPU's feature flags, so a home folder shared
+by different machines never loads a build for another CPU. Two processes may build at once:
+each compiles under its own temporary name and renames the result into place (atomic), so a
+reader sees either no library or a whole one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import itertools
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+SOURCE = "cpu_fp8.c"
+FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
+ABI = 1  # must equal dsv3_cpu_fp8_abi() in the C file
+# Elements per job: large enough that the per-call cost (a few microseconds) is noise, small
+# enough that threads pulling jobs end together.
+CHUNK = 1 << 20
+
+_p, _i64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {  # name: (restype, argtypes)
+    # q, s, out, cols, r0, r1
+    "dsv3_dequant_bf16": (None, (_p, _p, _p, _i64, _i64, _i64)),
+    "dsv3_dequant_f32": (None, (_p, _p, _p, _i64, _i64, _i64)),
+    # w, q, s, rows, cols, br, ue8m0, r0, r1 -> how many non-finite scales
+    "dsv3_quant_bf16": (_i64, (_p, _p, _p, _i64, _i64, _i64, ctypes.c_int, _i64, _i64)),
+    "dsv3_quant_f32": (_i64, (_p, _p, _p, _i64, _i64, _i64, ctypes.c_int, _i64, _i64)),
+    # x, q, n
+    "dsv3_f32_to_e4m3": (None, (_p, _p, _i64)),
+}
+
+
+def _debug(msg: str) -> None:
+    if os.environ.get("DSV3_DEBUG") == "1":
+        print(f"dsv3_kernels.cpu: {msg}", file=sys.stderr)
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _run(njobs: int, call: Callable[[int, int], int | None], workers: int) -> int:
+    """`call(j0, j1)` over the jobs [0, njobs), summing what it returns. Threads pull one job at
+    a time (ctypes releases the GIL during each call), so a thread whose core another process
+    took does less of the work instead of holding everyone up, as a fixed split would."""
+    if njobs == 0:
+        return 0
+    workers = max(1, min(workers, njobs))
+    if workers == 1:
+        return call(0, njobs) or 0
+    counter = itertools.count()  # next() on it is atomic under the GIL
+
+    def loop() -> int:
+        total = 0
+        while (j := next(counter)) < njobs:
+            total += call(j, j + 1) or 0
+        return total
+
+    with ThreadPoolExecutor(workers - 1) as pool:
+        futures = [pool.submit(loop) for _ in range(workers - 1)]
+        total = loop()  # this thread works too
+        return total + sum(f.result() for f in futures)
+
+
+class CpuKernels:
+    """The loaded kernels. Each method runs over a whole row-major tensor given by the
+    addresses of its buffers (which must stay alive and unmoved during the call)."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.lib, self.path = lib, path
+
+    def dequantize(self, q: int, s: int, out: int, rows: int, cols: int, *, out_f32: bool = False, workers: int = 1) -> None:
+        """q uint8 [rows, cols] (E4M3 codes), s float32 [ceil(rows/128), ceil(cols/128)] ->
+        out bfloat16 (or float32) [rows, cols]: round(float32(q) * s)."""
+        fn = self.lib.dsv3_dequant_f32 if out_f32 else self.lib.dsv3_dequant_bf16
+        per = max(1, CHUNK // max(cols, 1))  # rows per job
+        _run(-(-rows // per), lambda j0, j1: fn(q, s, out, cols, j0 * per, min(rows, j1 * per)), workers)
+
+    def quantize(self, w: int, q: int, s: int, rows: int, cols: int, *, br: int = 128, in_f32: bool = False,
+                 ue8m0: bool = False, workers: int = 1) -> int:
+        """w bfloat16 (or float32) [rows, cols] -> q uint8 (E4M3 codes) [rows, cols] and s float32
+        [ceil(rows/br), ceil(cols/128)], blocks of br rows (128: weights, 1: activations) x 128
+        columns. Returns how many scales are NaN or Inf (the block held a NaN or Inf)."""
+        fn = self.lib.dsv3_quant_f32 if in_f32 else self.lib.dsv3_quant_bf16
+        per = br * max(1, CHUNK // max(br * cols, 1))  # rows per job: whole blocks
+        return _run(-(-rows // per), lambda j0, j1: fn(w, q, s, rows, cols, br, int(ue8m0), j0 * per, min(rows, j1 * per)), workers)
+
+    def f32_to_e4m3(self, x: int, q: int, n: int) -> None:
+        """The float32 -> E4M3 cast alone (nearest even, saturating, NaN kept), n elements."""
+        self.lib.dsv3_f32_to_e4m3(x, q, n)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DSV3_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "dsv3") / "kernels"
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (what -march=native compiles for), from /proc/cpuinfo's first
+    processor; elsewhere the platform's description."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("flags", "Features", "isa"):  # x86, ARM, RISC-V
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC") or "cc")
+
+
+def library_path(source: bytes) -> Path:
+    key = "\0".join([" ".join(_compiler()), " ".join(FLAGS), _cpu_features(), platform.machine()])
+    digest = hashlib.sha256(source + b"\0" + key.encode()).hexdigest()[:20]
+    return cache_dir() / f"cpu_fp8-{digest}.so"
+
+
+def _build(source: bytes, target: Path) -> None:
+    """Compile `source` to `target` through temporary names in the same folder, then rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        src = Path(tmp) / SOURCE
+        src.write_bytes(source)
+        out = Path(tmp) / target.name
+        cmd = [*_compiler(), *FLAGS, str(src), "-o", str(out)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+        os.replace(out, target)
+
+
+def _open(path: Path) -> CpuKernels:
+    lib = ctypes.CDLL(str(path))  # CDLL (not PyDLL) releases the GIL during each call
+    lib.dsv3_cpu_fp8_abi.restype = ctypes.c_int
+    if lib.dsv3_cpu_fp8_abi() != ABI:
+        raise RuntimeError(f"{path}: ABI {lib.dsv3_cpu_fp8_abi()}, expected {ABI}")
+    for name, (res, args) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return CpuKernels(lib, path)
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> CpuKernels | None:
+    try:
+        source = resources.files("dsv3_kernels").joinpath(SOURCE).read_bytes()
+        path = library_path(source)
+        if not path.is_file():
+            _build(source, path)
+        return _open(path)
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+        _debug(f"C kernels unavailable, using the torch path: {exc}")
+        return None
+
+
+def load() -> CpuKernels | None:
+    """The compiled kernels (built on first use), or None: DSV3_CPU_KERNEL=0 (read on every
+    call, so tests and benchmarks can switch), no C compiler, or a failed build."""
+    if os.environ.get("DSV3_CPU_KERNEL", "1") == "0":
+        return None
+    return _load()
