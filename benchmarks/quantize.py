@@ -7,6 +7,8 @@ Prints:
 - dequantize FP8 -> BF16 (into a preallocated buffer) vs a plain copy of the same output bytes
   into a preallocated buffer (goal >= 0.5x; also the naive `q.float() * s` for scale);
 - quantize BF16 -> FP8 (into a preallocated buffer) vs the same plain copy (goal >= 0.25x);
+- both for the fused C kernel (`dsv3_kernels.cpu`, the default) and for the torch path it
+  replaces (DSV3_CPU_KERNEL=0);
 - the CPU time per element of each (all threads) and the cores each actually got: on a
   shared machine the wall-clock ratios mostly measure how much CPU the other processes left;
 - the whole `dsv3 quantize` (a subprocess, both directions) vs reading its input and writing
@@ -51,6 +53,14 @@ def _best(fn, repeat=3, label=None) -> float:
     return best
 
 
+def _torch_path(on: bool):
+    """DSV3_CPU_KERNEL=0 while `on`: fp8 then takes its torch path instead of the C kernel."""
+    if on:
+        os.environ["DSV3_CPU_KERNEL"] = "0"
+    else:
+        os.environ.pop("DSV3_CPU_KERNEL", None)
+
+
 def bench_tensors(gb: float, workers: int | None) -> dict:
     n = max(1, round(gb * 1e9 / (SHAPE[0] * SHAPE[1] * 2)))
     g = torch.Generator().manual_seed(0)
@@ -58,30 +68,37 @@ def bench_tensors(gb: float, workers: int | None) -> dict:
     outs = [torch.empty_like(w) for w in ws]
     nbytes = sum(w.numel() * 2 for w in ws)
     qs = [fp8.quantize_weight(w, workers=workers) for w in ws]
-
-    t_copy = _best(lambda: [o.copy_(w) for o, w in zip(outs, ws)], label="copy")
-    t_deq = _best(lambda: [fp8.dequantize_weight(q, s, out=o, workers=workers) for (q, s), o in zip(qs, outs)], label="dequant")
-    assert torch.equal(outs[0], fp8.dequantize_weight(*qs[0]))
     q8 = [q for q, _ in qs]
     q8_out = [torch.empty_like(q) for q in q8]
-    t_q = _best(lambda: [fp8.quantize_weight(w, workers=workers, out=o) for w, o in zip(ws, q8_out)], label="quant")
-    assert torch.equal(q8_out[0].view(torch.uint8), q8[0].view(torch.uint8))
+
+    t_copy = _best(lambda: [o.copy_(w) for o, w in zip(outs, ws)], label="copy")
     t_copy8 = _best(lambda: [o.copy_(q) for o, q in zip(q8_out, q8)])
+    res = {"tensors": n, "bf16_bytes": nbytes, "copy_GBps": nbytes / t_copy / 1e9, "paths": {}}
+    paths = ["C kernel", "torch"] if fp8._c_kernels() is not None else ["torch"]
+    first = None  # the first path's outputs: the other path must give the same bits
+    for path in paths:
+        _torch_path(path == "torch")
+        t_deq = _best(lambda: [fp8.dequantize_weight(q, s, out=o, workers=workers) for (q, s), o in zip(qs, outs)], label=f"dequant {path}")
+        t_q = _best(lambda: [fp8.quantize_weight(w, workers=workers, out=o) for w, o in zip(ws, q8_out)], label=f"quant {path}")
+        assert torch.equal(q8_out[0].view(torch.uint8), q8[0].view(torch.uint8))
+        if first is None:
+            first = outs[0].clone()
+        assert torch.equal(outs[0].view(torch.int16), first.view(torch.int16)), "the paths disagree"
+        res["paths"][path] = {
+            "dequant_vs_copy": t_copy / t_deq,
+            "quant_vs_copy_bf16": t_copy / t_q,
+            "quant_vs_copy_fp8_bytes": t_copy8 / t_q,
+            "cores_used": {"dequant": CPU[f"dequant {path}"] / t_deq, "quant": CPU[f"quant {path}"] / t_q},
+        }
+    _torch_path(False)
     # Naive reference on one tensor only (it is slow), scaled to the same bytes.
     q0, s0 = qs[0]
     s_full = s0.repeat_interleave(128, 0).repeat_interleave(128, 1)
     t_naive = _best(lambda: (q0.float() * s_full).to(torch.bfloat16), repeat=1) * n
-    return {
-        "tensors": n,
-        "bf16_bytes": nbytes,
-        "copy_GBps": nbytes / t_copy / 1e9,
-        "dequant_vs_copy": t_copy / t_deq,
-        "naive_dequant_vs_copy": t_copy / t_naive,
-        "quant_vs_copy_bf16": t_copy / t_q,
-        "quant_vs_copy_fp8_bytes": t_copy8 / t_q,
-        "cpu_ns_per_element": {k: v / (nbytes / 2) * 1e9 for k, v in CPU.items()},
-        "cores_used": {"copy": CPU["copy"] / t_copy, "dequant": CPU["dequant"] / t_deq, "quant": CPU["quant"] / t_q},
-    }
+    res["naive_dequant_vs_copy"] = t_copy / t_naive
+    res["cpu_ns_per_element"] = {k: v / (nbytes / 2) * 1e9 for k, v in CPU.items()}
+    res["copy_cores_used"] = CPU["copy"] / t_copy
+    return res
 
 
 def make_checkpoint(folder: Path, gb: float) -> Path:
@@ -196,6 +213,8 @@ def main() -> None:
     ap.add_argument("--skip-checkpoint", action="store_true")
     args = ap.parse_args()
     print(f"cores {fp8.default_workers()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    kern = fp8._c_kernels()
+    print(f"C kernel: {kern.path if kern else 'not available (DSV3_CPU_KERNEL=0, no compiler or a failed build; DSV3_DEBUG=1 says why)'}")
     if not args.skip_checkpoint:  # first, while this process is small
         with tempfile.TemporaryDirectory(dir=args.dir) as d:
             r = bench_checkpoint(args.gb, args.workers, Path(d))
@@ -207,12 +226,14 @@ def main() -> None:
             print(f"  peak RSS {x['peak_rss_bytes'] / 1e9:.2f} GB vs 2 x largest shard + 1 GB = {x['rss_budget_bytes'] / 1e9:.2f} GB: {x['rss_vs_budget']:.2f}x  (goal <= 1)")
     if not args.skip_tensors:
         r = bench_tensors(args.gb, args.workers)
-        print(f"tensors: {r['tensors']} x {SHAPE} BF16 = {r['bf16_bytes'] / 1e9:.2f} GB; plain copy {r['copy_GBps']:.2f} GB/s")
-        print(f"  dequant FP8->BF16 vs copy of the output bytes: {r['dequant_vs_copy']:.3f}x  (goal >= 0.5; naive q.float()*s: {r['naive_dequant_vs_copy']:.3f}x)")
-        print(f"  quant BF16->FP8 vs copy of the BF16 bytes:    {r['quant_vs_copy_bf16']:.3f}x  (goal >= 0.25; vs a copy of the FP8 bytes: {r['quant_vs_copy_fp8_bytes']:.3f}x)")
-        cpu, used = r["cpu_ns_per_element"], r["cores_used"]
-        print("  CPU time per element (all threads): " + ", ".join(f"{k} {v:.2f} ns" for k, v in cpu.items())
-              + "; cores actually used: " + ", ".join(f"{k} {v:.2f}" for k, v in used.items()))
+        print(f"tensors: {r['tensors']} x {SHAPE} BF16 = {r['bf16_bytes'] / 1e9:.2f} GB; plain copy {r['copy_GBps']:.2f} GB/s"
+              f" (cores used {r['copy_cores_used']:.2f}; naive q.float()*s dequant: {r['naive_dequant_vs_copy']:.3f}x)")
+        for path, x in r["paths"].items():
+            print(f"  {path} path:")
+            print(f"    dequant FP8->BF16 vs copy of the output bytes: {x['dequant_vs_copy']:.3f}x  (goal >= 0.5)")
+            print(f"    quant BF16->FP8 vs copy of the BF16 bytes:    {x['quant_vs_copy_bf16']:.3f}x  (goal >= 0.25; vs a copy of the FP8 bytes: {x['quant_vs_copy_fp8_bytes']:.3f}x)")
+            print("    cores actually used: " + ", ".join(f"{k} {v:.2f}" for k, v in x["cores_used"].items()))
+        print("  CPU time per element (all threads): " + ", ".join(f"{k} {v:.2f} ns" for k, v in r["cpu_ns_per_element"].items()))
 
 
 if __name__ == "__main__":
