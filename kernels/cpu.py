@@ -38,6 +38,7 @@ ABI = 1  # must equal dsv3_cpu_fp8_abi() in the C file
 # Elements per job: large enough that the per-call cost (a few microseconds) is noise, small
 # enough that threads pulling jobs end together.
 CHUNK = 1 << 20
+PARALLEL_MIN = 1 << 21  # below this many elements one thread beats starting a pool
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {  # name: (restype, argtypes)
@@ -60,6 +61,13 @@ def _debug(msg: str) -> None:
 def default_workers() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads(n: int, workers: int | None) -> int:
+    """Threads for a tensor of n elements: `workers` (default: every core), one when small."""
+    if n < PARALLEL_MIN:
+        return 1
+    return default_workers() if workers is None else max(1, workers)
 
 
 def _run(njobs: int, call: Callable[[int, int], int | None], workers: int) -> int:
@@ -87,26 +95,29 @@ def _run(njobs: int, call: Callable[[int, int], int | None], workers: int) -> in
 
 class CpuKernels:
     """The loaded kernels. Each method runs over a whole row-major tensor given by the
-    addresses of its buffers (which must stay alive and unmoved during the call)."""
+    addresses of its buffers (which must stay alive and unmoved during the call), on
+    `workers` threads (default: every core; one for a small tensor)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.lib, self.path = lib, path
 
-    def dequantize(self, q: int, s: int, out: int, rows: int, cols: int, *, out_f32: bool = False, workers: int = 1) -> None:
+    def dequantize(self, q: int, s: int, out: int, rows: int, cols: int, *, out_f32: bool = False,
+                   workers: int | None = None) -> None:
         """q uint8 [rows, cols] (E4M3 codes), s float32 [ceil(rows/128), ceil(cols/128)] ->
         out bfloat16 (or float32) [rows, cols]: round(float32(q) * s)."""
         fn = self.lib.dsv3_dequant_f32 if out_f32 else self.lib.dsv3_dequant_bf16
         per = max(1, CHUNK // max(cols, 1))  # rows per job
-        _run(-(-rows // per), lambda j0, j1: fn(q, s, out, cols, j0 * per, min(rows, j1 * per)), workers)
+        _run(-(-rows // per), lambda j0, j1: fn(q, s, out, cols, j0 * per, min(rows, j1 * per)), threads(rows * cols, workers))
 
     def quantize(self, w: int, q: int, s: int, rows: int, cols: int, *, br: int = 128, in_f32: bool = False,
-                 ue8m0: bool = False, workers: int = 1) -> int:
+                 ue8m0: bool = False, workers: int | None = None) -> int:
         """w bfloat16 (or float32) [rows, cols] -> q uint8 (E4M3 codes) [rows, cols] and s float32
         [ceil(rows/br), ceil(cols/128)], blocks of br rows (128: weights, 1: activations) x 128
         columns. Returns how many scales are NaN or Inf (the block held a NaN or Inf)."""
         fn = self.lib.dsv3_quant_f32 if in_f32 else self.lib.dsv3_quant_bf16
         per = br * max(1, CHUNK // max(br * cols, 1))  # rows per job: whole blocks
-        return _run(-(-rows // per), lambda j0, j1: fn(w, q, s, rows, cols, br, int(ue8m0), j0 * per, min(rows, j1 * per)), workers)
+        return _run(-(-rows // per), lambda j0, j1: fn(w, q, s, rows, cols, br, int(ue8m0), j0 * per, min(rows, j1 * per)),
+                    threads(rows * cols, workers))
 
     def f32_to_e4m3(self, x: int, q: int, n: int) -> None:
         """The float32 -> E4M3 cast alone (nearest even, saturating, NaN kept), n elements."""
@@ -172,8 +183,12 @@ def _load() -> CpuKernels | None:
     try:
         source = resources.files("dsv3_kernels").joinpath(SOURCE).read_bytes()
         path = library_path(source)
-        if not path.is_file():
-            _build(source, path)
+        if path.is_file():
+            try:
+                return _open(path)
+            except OSError as exc:  # damaged by something else: build it again
+                _debug(f"{path}: cannot be loaded ({exc}); rebuilding")
+        _build(source, path)
         return _open(path)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
         _debug(f"C kernels unavailable, using the torch path: {exc}")

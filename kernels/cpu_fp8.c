@@ -2,17 +2,19 @@
  * block or per 1x128 activation tile): one pass over memory per tensor.
  *
  * Boundary: plain C on raw row-major buffers, no Python or torch. dsv3_kernels.cpu compiles
- * this file (-O3 -march=native) and loads it with ctypes; dsv3cli.fp8 calls it, checks
- * shapes and splits rows across threads. The format is defined by the float64 references in
- * dsv3cli.fp8; every function here equals them bit for bit:
+ * this file (-O3 -march=native), loads it with ctypes and splits rows across threads;
+ * dsv3cli.fp8 (tensors) and dsv3cli.convert (checkpoint files) call that. The format is
+ * defined by the float64 references in dsv3cli.fp8; every function here equals them bit for bit:
  *   dequant: out = round_to_nearest_even(float32(q) * s), the product one float32 rounding,
  *            then (for bf16) one more rounding to bf16; NaN codes (0x7f, 0xff) give NaN.
  *   quant:   amax = max |w| over the block (on the bit patterns, so NaN > Inf > finite),
  *            s = float32(max(amax, 1e-4) / 448) (ue8m0: rounded up to a power of two; a
  *            non-finite s stays as it is), q = e4m3(float32(w / s)) rounded to nearest even
  *            and saturated at +-448 (as torch's float32 -> float8_e4m3fn cast), NaN -> 0x7f/0xff.
- * The loops are branch-free so the compiler vectorizes them; every function sets the float
- * environment it needs (nearest rounding, no flush-to-zero) and restores the caller's.
+ * The inner loops are branch-free so the compiler vectorizes them; every function sets the
+ * float environment it needs (nearest rounding, no flush-to-zero, no denormals-are-zero) and
+ * restores the caller's. The one slow case: an E4M3 subnormal code is a float32 subnormal in
+ * the dequantize loop, which some CPUs multiply slowly; real weights have almost none.
  *
  * Rows [r0, r1) of a tensor per call, so callers can hand row ranges to several threads.
  * Quantization ranges must start on a block-row boundary (a multiple of `br`).
@@ -27,8 +29,8 @@
 #endif
 
 #define BLOCK 128
-/* Columns per quantization tile: 128 rows x TILE_BYTES of input stay in L2 between the amax
- * pass and the quantize pass over the same tile. */
+/* Input bytes per quantization tile (br rows x some columns): they stay in L2 between the
+ * amax pass and the quantize pass over the same tile. */
 #ifndef TILE_BYTES
 #define TILE_BYTES (256 * 1024)
 #endif

@@ -202,6 +202,9 @@ def test_concurrent_builds_and_cache_key(kern, tmp_path, monkeypatch):
     built = Path(paths.pop())
     assert built.parent == tmp_path / "cache" / "kernels" and built.is_file()
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporaries left behind
+    built.write_bytes(b"not a library")  # damaged: rebuilt, not given up on
+    p = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.stdout.strip() == str(built) and "rebuilding" in p.stderr and built.read_bytes() != b"not a library", p.stderr
     # the name changes with the source and with the compiler command
     plain = cpu.library_path(b"int x;")
     assert plain != cpu.library_path(b"int y;")

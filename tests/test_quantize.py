@@ -172,6 +172,43 @@ def test_ue8m0_and_determinism(tiny_bf16, tmp_path):
     assert torch.equal(_bits(ck.get(n)), _bits(q)) and torch.equal(ck.get(scale_name(n)), s)
 
 
+def test_c_kernel_and_torch_paths_give_the_same_bytes_and_no_torch_import(tiny_bf16, tmp_path):
+    """F16 and F32 weights beside BF16 ones (F16 goes through torch even with the C kernels);
+    the C kernel path and the torch path (DSV3_CPU_KERNEL=0) write byte-identical checkpoints
+    both ways; and on the CPU with the C kernels the command never imports torch."""
+    from dsv3_kernels.cpu import load
+
+    ck = Checkpoint(tiny_bf16)
+    shard = ck.shards[0]
+    src = _copy(tiny_bf16, tmp_path / "src", real=(shard,))
+    t = load_file(src / shard)
+    fp8_names = sorted(n for n in t if is_fp8_weight(n))
+    assert len(fp8_names) >= 2
+    t[fp8_names[0]] = t[fp8_names[0]].to(torch.float16)
+    t[fp8_names[1]] = t[fp8_names[1]].float() * 1e3  # another magnitude, F32
+    save_file(t, src / shard, metadata={"format": "pt"})
+    outs = {}
+    for path, env in (("c", None), ("torch", {"DSV3_CPU_KERNEL": "0"})):
+        for direction, a in (("fp8", src), ("bf16", tmp_path / f"{path}-fp8")):
+            r = _run(a, tmp_path / f"{path}-{direction}", "--device", "cpu", env=env)
+            assert r.exit_code == 0, r.output
+            outs[path, direction] = _files(tmp_path / f"{path}-{direction}")
+    assert outs["c", "fp8"] == outs["torch", "fp8"] and outs["c", "bf16"] == outs["torch", "bf16"]
+    dst = Checkpoint(tmp_path / "c-fp8")
+    for n in fp8_names[:2]:
+        q, s = fp8.quantize_weight_ref(t[n])
+        assert torch.equal(_bits(dst.get(n)), _bits(q)) and torch.equal(dst.get(scale_name(n)), s), n
+    if load() is None:
+        pytest.skip("no C kernels here (no compiler?): the CPU path imports torch")
+    code = ("import sys\nfrom dsv3cli.app import main\nsys.argv = ['dsv3', 'quantize', *sys.argv[1:]]\n"
+            "try:\n    main()\nfinally:\n    print('TORCH' if 'torch' in sys.modules else 'NO TORCH', file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if k != "DSV3_CPU_KERNEL"}
+    for a, b in ((tiny_bf16, tmp_path / "p-fp8"), (tmp_path / "p-fp8", tmp_path / "p-bf16")):  # no F16 here
+        p = subprocess.run([sys.executable, "-c", code, str(a), str(b), "--device", "auto"], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert p.returncode == 0 and p.stderr.strip().endswith("NO TORCH"), p.stderr
+
+
 def test_resume_after_sigkill_is_byte_identical(tiny_bf16, to_fp8, tmp_path):
     dst = tmp_path / "killed"
     total = to_fp8[1]["input_bytes"]
