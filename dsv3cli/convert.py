@@ -19,23 +19,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from dsv3_kernels.cpu import load as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
+
 BLOCK = 128  # as dsv3cli.fp8.BLOCK (not imported from there: that would import torch)
 SCALE_FMTS = ("e4m3", "ue8m0")
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _cpu_kernels():
-    """The C kernels, or None (the torch paths then do the work)."""
-    try:
-        from dsv3_kernels.cpu import load
-    except ImportError as exc:
-        if os.environ.get("DSV3_DEBUG") == "1":
-            print(f"dsv3: C kernels unavailable, using the torch path: {exc}", file=sys.stderr)
-        return None
-    return load()
 
 
 def _resolve_device(device: str) -> str:
@@ -444,7 +435,7 @@ def convert_checkpoint(
     device = _resolve_device(device)
 
     ckpt = Checkpoint(src)
-    cfg = ckpt.config  # DsvError for a config.json of another architecture
+    ckpt.config  # DsvError for a config.json of another architecture
     cfg_path = src / "config.json"
     src_fmt = _source_format(ckpt)
     to = to or ("bf16" if src_fmt == "fp8" else "fp8")
@@ -566,7 +557,7 @@ def convert_checkpoint(
     in_cap = max([ckpt.header(s)[e.src].nbytes for s in todo for e in plan[s] if e.kind in ("quant", "dequant")] or [0])
     bufs = [bytearray(max(out_cap, 1)) for _ in range(2)]
     in_buf = bytearray(max(in_cap, 1))
-    kern = _cpu_kernels() if device == "cpu" else None
+    kern = load_c_kernels() if device == "cpu" else None
     for shard in todo:
         entries = plan[shard]
         pending: dict = {}

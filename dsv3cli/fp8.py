@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import torch
+
+from dsv3_kernels.cpu import default_workers
+from dsv3_kernels.cpu import load as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
 
 FP8_MAX = 448.0
 BLOCK = 128
@@ -50,10 +51,6 @@ def _check_fmt(scale_fmt: str) -> None:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 # ---------------------------------------------------------------- float64 references
@@ -219,18 +216,6 @@ def _run_parallel(n: int, work: Callable[[Sequence[int]], None], workers: int) -
         torch.set_num_threads(prev)
 
 
-def _c_kernels():
-    """The fused C kernels (`dsv3_kernels.cpu.CpuKernels`), or None: DSV3_CPU_KERNEL=0, no C
-    compiler, a failed build or a broken install; the torch paths below are the fallback."""
-    try:
-        from dsv3_kernels.cpu import load
-    except ImportError as exc:
-        if os.environ.get("DSV3_DEBUG") == "1":
-            print(f"dsv3: C kernels unavailable, using the torch path: {exc}", file=sys.stderr)
-        return None
-    return load()
-
-
 def _quantize_c(kern, w: torch.Tensor, br: int, scale_fmt: str, workers: int | None, out: torch.Tensor | None):
     """`_quantize_fast` by the C kernel, for contiguous bfloat16/float32 `w` [o, i] on the CPU."""
     o, i = w.shape
@@ -318,7 +303,7 @@ def quantize_weight(
     if out is not None and (out.dtype != _FP8 or tuple(out.shape) != tuple(w.shape) or not out.is_contiguous()):
         raise ValueError("out must be a contiguous float8_e4m3fn tensor of the weight's shape")
     _check_fmt(scale_fmt)
-    kern = _c_kernels() if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32) else None
+    kern = load_c_kernels() if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32) else None
     if kern is not None:
         return _quantize_c(kern, w.contiguous(), BLOCK, scale_fmt, workers, out)
     return _quantize_fast(w.contiguous(), BLOCK, scale_fmt, workers, out)
@@ -329,7 +314,7 @@ def act_quant(x: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch.Tensor, t
     _check_fmt(scale_fmt)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(math.prod(lead), k).contiguous()  # [tokens, k] (k may be 0)
-    kern = _c_kernels() if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) else None
+    kern = load_c_kernels() if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) else None
     if kern is not None:
         q, s = _quantize_c(kern, x2, 1, scale_fmt, None, None)
     else:
@@ -374,7 +359,7 @@ def dequantize_weight(
     s = s.to(torch.float32).contiguous()
     if o * i == 0:
         return out
-    kern = _c_kernels() if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) else None
+    kern = load_c_kernels() if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) else None
     if kern is not None:  # NaN codes and any scale included
         res = out if out.dtype == dtype and out.is_contiguous() else torch.empty(o, i, dtype=dtype)
         kern.dequantize(q.data_ptr(), s.data_ptr(), res.data_ptr(), o, i, out_f32=dtype == torch.float32, workers=workers)
@@ -416,8 +401,3 @@ def dequantize_weight(
     else:
         _run_parallel(njobs, work, default_workers() if workers is None else workers)
     return out
-
-
-# The checkpoint conversion lives in dsv3cli.convert (it runs without torch on the CPU); its
-# public names stay importable from here.
-from .convert import MANIFEST_NAME, convert_checkpoint, free_bytes  # noqa: E402,F401

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import DsvError, UsageError
+from .errors import UsageError
 from .parallel import Dist
 
 
@@ -217,7 +217,7 @@ def _sync(t: torch.Tensor, dist: Dist) -> torch.Tensor:
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len: int) -> None:
-    """Raise a DsvError for an empty prompt, an id outside the vocabulary or a prompt with no room."""
+    """Raise a UsageError for an empty prompt, an id outside the vocabulary or a prompt with no room."""
     for i, p in enumerate(prompts):
         if not p:
             raise UsageError(f"prompt {i + 1}: empty; give at least one token")

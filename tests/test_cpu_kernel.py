@@ -48,7 +48,7 @@ def _weight(shape, seed, dtype):
 def _torch_path(monkeypatch, fn, *args, **kwargs):
     with monkeypatch.context() as m:
         m.setenv("DSV3_CPU_KERNEL", "0")
-        assert fp8._c_kernels() is None
+        assert fp8.load_c_kernels() is None
         return fn(*args, **kwargs)
 
 
@@ -221,7 +221,7 @@ def test_no_compiler_or_switched_off_means_torch_path(tmp_path, monkeypatch):
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.stdout.strip() == "NONE" and p.stderr == "", p.stderr  # quiet unless asked
     monkeypatch.setenv("DSV3_CPU_KERNEL", "0")
-    assert cpu.load() is None and fp8._c_kernels() is None
+    assert cpu.load() is None and fp8.load_c_kernels() is None
     w = _weight((130, 140), SEED, torch.bfloat16)
     q, s = fp8.quantize_weight(w)  # the torch path still gives the format
     qr, sr = fp8.quantize_weight_ref(w)

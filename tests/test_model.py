@@ -206,7 +206,8 @@ def _quantize_checkpoint(src, dst, hf) -> None:
     """`dsv3 quantize --to fp8` of `src` into `dst`, and every value of `dst` (FP8 weights
     dequantized) loaded into `hf`, so the reference runs on exactly the quantized model."""
     from dsv3cli.checkpoint import Checkpoint, scale_name
-    from dsv3cli.fp8 import convert_checkpoint, dequantize_weight
+    from dsv3cli.convert import convert_checkpoint
+    from dsv3cli.fp8 import dequantize_weight
 
     convert_checkpoint(src, dst, to="fp8", device="cpu")
     ck = Checkpoint(dst)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from dsv3cli import fp8
+from dsv3cli import convert, fp8
 from dsv3cli.app import app
 from dsv3cli.checkpoint import Checkpoint, is_fp8_weight, scale_name, validate
 
@@ -99,7 +99,7 @@ def test_bf16_to_fp8_layout_and_values(tiny_bf16, to_fp8):
     assert {k: v for k, v in cfg.items() if k != "quantization_config"} == src_cfg
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).read_bytes() == (tiny_bf16 / f).read_bytes()
-    assert not (out / fp8.MANIFEST_NAME).exists() and not list(out.glob(".*"))
+    assert not (out / convert.MANIFEST_NAME).exists() and not list(out.glob(".*"))
     for shard in dst.shards:  # loadable by safetensors itself
         with safe_open(str(out / shard), framework="pt") as f:
             assert set(f.keys()) == set(dst.tensors_in(shard))
@@ -218,7 +218,7 @@ def test_resume_after_sigkill_is_byte_identical(tiny_bf16, to_fp8, tmp_path):
     assert p.returncode == -9, p.stderr
     assert not (dst / INDEX).exists()  # nothing looks complete
     assert list(dst.glob(".*.tmp*"))  # the killed shard's temporary file is still there
-    done = sorted(json.loads((dst / fp8.MANIFEST_NAME).read_text())["shards"])
+    done = sorted(json.loads((dst / convert.MANIFEST_NAME).read_text())["shards"])
     assert 1 <= len(done) < 3  # some shards finished, some not
     damaged = tmp_path / "damaged"
     shutil.copytree(dst, damaged)
@@ -362,9 +362,9 @@ def test_not_enough_disk(tiny_bf16, tmp_path):
 
 
 def test_free_bytes_seam(tmp_path, monkeypatch):
-    assert fp8.free_bytes(tmp_path / "not" / "yet") > 0  # the nearest existing parent's file system
+    assert convert.free_bytes(tmp_path / "not" / "yet") > 0  # the nearest existing parent's file system
     monkeypatch.setenv("DSV3_FAKE_FREE_BYTES", "12345")
-    assert fp8.free_bytes(tmp_path) == 12345
+    assert convert.free_bytes(tmp_path) == 12345
 
 
 def test_other_architecture(tiny_bf16, tmp_path):
