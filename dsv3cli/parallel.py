@@ -81,7 +81,7 @@ def few_token_gemms(x: torch.Tensor, dtype: torch.dtype):
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear, with oneDNN for bfloat16 on the CPU only where it pays: from NATIVE_GEMM_MACS
     multiply-adds on (at 1 row, 256x512 is 16 us natively vs 23 us; at 2 rows oneDNN wins)."""
-    if w.dtype != torch.bfloat16 or x.is_cuda or torch.compiler.is_compiling():
+    if w.dtype != torch.bfloat16 or x.is_cuda:
         return F.linear(x, w)
     with onednn(x.numel() // max(x.shape[-1], 1) * w.numel() > NATIVE_GEMM_MACS):
         return F.linear(x, w)
