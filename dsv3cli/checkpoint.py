@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,27 @@ def expected_shapes(cfg: ModelConfig, *, fp8: bool | None = None, mtp: bool = Tr
 
 
 # ---- safetensors headers ----------------------------------------------------------------------
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the file system that will hold `path` (its nearest existing parent).
+    DSV3_FAKE_FREE_BYTES overrides it: the seam tests use to exercise the disk preflights."""
+    fake = os.environ.get("DSV3_FAKE_FREE_BYTES")
+    if fake:
+        return int(fake)
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def human(n: float) -> str:
+    """Bytes for people: 512 B, 1.5 kB, 688.0 GB (powers of 1000, as the hub shows sizes)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 @dataclass
 class TensorInfo:

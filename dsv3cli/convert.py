@@ -21,6 +21,8 @@ from typing import Callable
 
 from dsv3_kernels.cpu import load as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
 
+from .checkpoint import free_bytes, human
+
 BLOCK = 128  # as dsv3cli.fp8.BLOCK (not imported from there: that would import torch)
 SCALE_FMTS = ("e4m3", "ue8m0")
 
@@ -47,29 +49,6 @@ MANIFEST_NAME = ".dsv3-quantize.json"  # progress of an unfinished conversion; r
 _MANIFEST_VERSION = 1
 _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}  # the dtypes this module computes with
 _SHARD_METADATA = {"format": "pt"}
-
-
-def free_bytes(path) -> int:
-    """Free bytes on the file system that holds `path` (or its nearest existing parent).
-    DSV3_FAKE_FREE_BYTES overrides it (tests, dry runs)."""
-    import shutil
-    from pathlib import Path
-
-    fake = os.environ.get("DSV3_FAKE_FREE_BYTES")
-    if fake is not None:
-        return int(fake)
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} B"
 
 
 class _Entry:
@@ -510,7 +489,7 @@ def convert_checkpoint(
     need = sum(sizes[s] for s in plan if s not in skip) + sum(p.stat().st_size for p in other_files) + (1 << 20)
     free = free_bytes(dst)
     if need > free:
-        raise DsvError(f"{dst}: not enough free disk: needs {_human(need)} ({need} bytes), {_human(free)} ({free} bytes) free; free some space or choose another DST")
+        raise DsvError(f"{dst}: not enough free disk: needs {human(need)} ({need} bytes), {human(free)} ({free} bytes) free; free some space or choose another DST")
 
     # Other files first (config.json rewritten), then the shards, the index last.
     for p in other_files:

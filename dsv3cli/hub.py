@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
+from .checkpoint import free_bytes, human  # noqa: F401  (human: also for commands/download.py)
 from .errors import DsvError, UsageError
 
 DEFAULT_REPO = "deepseek-ai/DeepSeek-V3"
@@ -81,28 +81,6 @@ def hub_endpoint() -> str:
     from huggingface_hub import constants
 
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def free_bytes(path: str | Path) -> int:
-    """Free space where `path` will be (its nearest existing parent).
-
-    DSV3_FAKE_FREE_BYTES overrides it: the seam tests use to exercise the preflight.
-    """
-    fake = os.environ.get("DSV3_FAKE_FREE_BYTES")
-    if fake:
-        return int(fake)
-    p = Path(path).resolve()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def git_blob_sha1(data: bytes) -> str:
