@@ -37,30 +37,33 @@ def _scale(amax, UE8M0: tl.constexpr):
 
 
 @triton.jit
-def _weight_quant_kernel(x_ptr, q_ptr, s_ptr, M, N, UE8M0: tl.constexpr, BLOCK: tl.constexpr):
+def _block_tile(M, N, BLOCK: tl.constexpr):
+    """This program's BLOCK x BLOCK tile of a row-major [M, N] tensor: (element offsets, in-bounds
+    mask, offset of the tile's scale in the [cdiv(M, BLOCK), cdiv(N, BLOCK)] scale tensor)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
     cols = pid_n * BLOCK + tl.arange(0, BLOCK)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    return offs, mask, pid_m * tl.cdiv(N, BLOCK) + pid_n
+
+
+@triton.jit
+def _weight_quant_kernel(x_ptr, q_ptr, s_ptr, M, N, UE8M0: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, s_off = _block_tile(M, N, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK, BLOCK]
     s = _scale(tl.max(tl.abs(x)), UE8M0)  # padding is 0: only real elements count
     q = tl.math.div_rn(x, s).to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs, q, mask=mask)
-    tl.store(s_ptr + pid_m * tl.cdiv(N, BLOCK) + pid_n, s)
+    tl.store(s_ptr + s_off, s)
 
 
 @triton.jit
 def _weight_dequant_kernel(q_ptr, s_ptr, y_ptr, M, N, BLOCK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
-    cols = pid_n * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    offs, mask, s_off = _block_tile(M, N, BLOCK)
     q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + pid_m * tl.cdiv(N, BLOCK) + pid_n)
+    s = tl.load(s_ptr + s_off)
     tl.store(y_ptr + offs, (q * s).to(y_ptr.dtype.element_ty), mask=mask)  # float32 product, one rounding
 
 
