@@ -34,7 +34,9 @@ from .parallel import (
     RowParallelLinear,
     Scratch,
     VocabParallelEmbedding,
+    cpu_kernels,
     few_token_gemms,
+    matmul_into,
     split_range,
 )
 
@@ -59,7 +61,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
+        kern = cpu_kernels(x)
+        if kern is None or x.stride(-1) != 1:
+            return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
+        D = x.shape[-1]
+        x2 = x.reshape(-1, D)  # a view unless x's rows are unevenly spaced
+        y = torch.empty(x.shape, dtype=x.dtype)
+        kern.lib.dsv3_rmsnorm(int(x.dtype == torch.bfloat16), x2.data_ptr(), x2.stride(0), self.weight.data_ptr(), y.data_ptr(),
+                              x2.shape[0], D, self.eps)
+        return y
 
 
 # ---- rotary embedding ---------------------------------------------------------------------------
@@ -152,24 +162,27 @@ class MLA(nn.Module):
         rows = max(1, self.score_budget // (B * self.h * S))
         if self.impl == "naive":
             return self.o_proj(self._naive(q_nope, q_pe, cache, hide, rows).flatten(2))
-        w = self.kv_b_proj.dense_weight(x.dtype).view(self.h, self.nope + self.vdim, self.c)
-        # Batched matmuls in a heads-first layout [B,H,T,*] (einsum's per-call planning costs
-        # more than the products themselves at decode sizes).
-        q_abs = torch.matmul(q_nope.transpose(1, 2), w[:, : self.nope])  # [B,H,T,C]
-        # [q_abs | q_pe] . [latent | k_pe]: both score terms in one product over the cache
-        q_cat = torch.cat([q_abs, q_pe.transpose(1, 2)], dim=-1) * self.scale  # [B,H,T,C+R]
-        cache_t = cache.transpose(1, 2)  # [B,C+R,S]
-        outs = []
+        w = self.kv_b_proj.dense_weight(x.dtype).view(1, self.h, self.nope + self.vdim, self.c)
+        wk, wv = w[:, :, : self.nope].expand(B, -1, -1, -1), w[:, :, self.nope :].expand(B, -1, -1, -1)  # [B,H,nope|vdim,C]
+        # [q_abs | q_pe] . [latent | k_pe]: both score terms in one product over the cache. Products
+        # on strided views in a heads-first layout [B,H,T,*] (few rows: the C kernel, see
+        # parallel.matmul_into; einsum's per-call planning costs more than decode-sized products).
+        q_cat = x.new_empty(B, self.h, T, self.c + self.rope)  # [B,H,T,C+R]
+        matmul_into(q_nope.transpose(1, 2), wk, q_cat[..., : self.c], nn=True)  # q_abs
+        q_cat[..., self.c :] = q_pe.transpose(1, 2)
+        q_cat *= self.scale
+        out = x.new_empty(B, T, self.h, self.vdim)  # [B,T,H,vdim]: o_proj's input, no transpose after
         for t in range(0, T, rows):
-            qp = q_cat[:, :, t : t + rows]  # [B,H,t,C+R]
-            scores = torch.matmul(qp.reshape(B, -1, self.c + self.rope), cache_t).view(B, self.h, -1, S)  # [B,H,t,S]
+            qp = q_cat[:, :, t : t + rows]  # [B,H,n,C+R]
+            n = qp.shape[2]
+            scores = matmul_into(qp.reshape(B, 1, self.h * n, -1), cache.unsqueeze(1), x.new_empty(B, 1, self.h * n, S))
+            scores = scores.view(B, self.h, n, S)
             if hide is not None:
                 scores.masked_fill_(hide[:, None, t : t + rows], float("-inf"))
-            probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-            outs.append(torch.matmul(probs.view(B, -1, S), kv).view(B, self.h, -1, self.c))  # [B,H,t,C]
-        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-        out = torch.matmul(out, w[:, self.nope :].transpose(1, 2))  # [B,H,T,vdim]
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype).view(B, 1, self.h * n, S)
+            lat = matmul_into(probs, kv.unsqueeze(1), x.new_empty(B, 1, self.h * n, self.c), nn=True)  # [B,1,H*n,C]
+            matmul_into(lat.view(B, self.h, n, self.c), wv, out[:, t : t + rows].transpose(1, 2))  # [B,H,n,vdim]
+        return self.o_proj(out.flatten(2))
 
     def _naive(self, q_nope, q_pe, cache, hide, rows: int) -> torch.Tensor:
         """The reference path: K/V expanded from the latent cache -> [B,T,H,vdim]."""
@@ -314,7 +327,10 @@ class MoE(nn.Module):
         w, idx, nobias = self.gate(x, want_nobias=self.observer is not None)
         if self.observer is not None:
             self.observer(self.layer_idx, idx, nobias, valid)
-        if self.use_dense(x.shape[0]):
+        kern = self.c_kernels(x)
+        if kern is not None:
+            y = self.routed_c(kern, x, w, idx)
+        elif self.use_dense(x.shape[0]):
             y = self.routed_dense(x, w, idx)
         elif self.use_batched(idx.numel()):
             y = self.routed_batched(x, w, idx)
@@ -325,6 +341,24 @@ class MoE(nn.Module):
         if self.dist.world_size > 1:
             tdist.all_reduce(y, group=self.dist.group)
         return y.view(shape)
+
+    def c_kernels(self, x: torch.Tensor):
+        """The C kernels when the routed experts can run through `routed_c`: stacked (not FP8)
+        weights on the CPU, no autograd, a compiler at hand."""
+        return cpu_kernels(x) if self.w13 is not None else None
+
+    def routed_c(self, kern, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The same as `routed_loop` in one call of the C kernel (cpu_gemm.c's dsv3_moe): each
+        local expert runs once on all its tokens, with float32 activations and accumulation."""
+        x, w, idx = x.contiguous(), w.float().contiguous(), idx.contiguous()
+        y = torch.empty_like(x)
+        N, K = idx.shape
+        I = self.w2.shape[-1]
+        bf16 = int(x.dtype == torch.bfloat16)
+        if kern.lib.dsv3_moe(bf16, x.data_ptr(), idx.data_ptr(), w.data_ptr(), self.w13.data_ptr(), self.w2.data_ptr(),
+                             y.data_ptr(), N, K, x.shape[1], I, self.lo, self.hi):
+            raise MemoryError("dsv3_moe: out of memory for its scratch buffers")
+        return y
 
     def use_batched(self, assignments: int) -> bool:
         """The batched path for few (token, expert) pairs: its gathered weights stay under

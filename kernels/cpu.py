@@ -1,15 +1,17 @@
-"""Builds, loads and runs the fused C kernels of `cpu_fp8.c` (FP8 dequantize / quantize on the CPU).
+"""Builds, loads and runs the C kernels for the CPU: `cpu_fp8.c` (FP8 dequantize / quantize) and
+`cpu_gemm.c` (small products for few-token forwards, and a MoE layer's routed experts).
 
 Boundary: compiling, caching and loading the shared library, and running its functions over
 whole tensors given as raw addresses, rows split across threads. No torch and no numpy here,
 so the checkpoint conversion can use the kernels without importing either. `load()` returns a
 `CpuKernels`, or None when the kernels are switched off (DSV3_CPU_KERNEL=0), there is no C
 compiler, or the build fails (the reason is printed only under DSV3_DEBUG=1); callers then
-use their torch path. `dsv3cli.fp8` owns the format, its references and the shape checks.
+use their torch path. `dsv3cli.fp8` owns the format, its references and the shape checks;
+`dsv3cli.parallel` and `dsv3cli.model` call the products on tensors (`CpuKernels.lib`).
 
-The library is compiled once with `$CC` (default `cc`) and `-O3 -march=native` into
-`$DSV3_CACHE/kernels` (default `~/.cache/dsv3/kernels`). Its file name carries a hash of the
-source, the compiler command, the flags and the CPU's feature flags, so a home folder shared
+The library (both sources) is compiled once with `$CC` (default `cc`) and `-O3 -march=native`
+into `$DSV3_CACHE/kernels` (default `~/.cache/dsv3/kernels`). Its file name carries a hash of the
+sources, the compiler command, the flags and the CPU's feature flags, so a home folder shared
 by different machines never loads a build for another CPU. Two processes may build at once:
 each compiles under its own temporary name and renames the result into place (atomic), so a
 reader sees either no library or a whole one.
@@ -32,9 +34,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-SOURCE = "cpu_fp8.c"
+SOURCES = ("cpu_fp8.c", "cpu_gemm.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
-ABI = 1  # must equal dsv3_cpu_fp8_abi() in the C file
+ABI = 2  # must equal dsv3_cpu_abi() in cpu_fp8.c
 # Elements per job: large enough that the per-call cost (a few microseconds) is noise, small
 # enough that threads pulling jobs end together.
 CHUNK = 1 << 20
@@ -50,6 +52,12 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_quant_f32": (_i64, (_p, _p, _p, _i64, _i64, _i64, ctypes.c_int, _i64, _i64)),
     # x, q, n
     "dsv3_f32_to_e4m3": (None, (_p, _p, _i64)),
+    # bf16, nn, x, w, y, B, H, M, N, K, sxb, sxh, sxm, swb, swh, sw, syb, syh, sym -> 0, or -1 without memory
+    "dsv3_gemm": (_i64, (ctypes.c_int, ctypes.c_int, _p, _p, _p) + (_i64,) * 14),
+    # bf16, x, idx, wt, w13, w2, y, N, K, D, I, lo, hi -> 0, or -1 without memory
+    "dsv3_moe": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 6),
+    # bf16, x, ldx, w, y, rows, D, eps
+    "dsv3_rmsnorm": (None, (ctypes.c_int, _p, _i64, _p, _p, _i64, _i64, ctypes.c_float)),
 }
 
 
@@ -147,20 +155,25 @@ def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CC") or "cc")
 
 
-def library_path(source: bytes) -> Path:
+def library_path(sources: dict[str, bytes]) -> Path:
     key = "\0".join([" ".join(_compiler()), " ".join(FLAGS), _cpu_features(), platform.machine()])
-    digest = hashlib.sha256(source + b"\0" + key.encode()).hexdigest()[:20]
-    return cache_dir() / f"cpu_fp8-{digest}.so"
+    h = hashlib.sha256()
+    for name, text in sources.items():
+        h.update(name.encode() + b"\0" + text + b"\0")
+    h.update(key.encode())
+    return cache_dir() / f"cpu-{h.hexdigest()[:20]}.so"
 
 
-def _build(source: bytes, target: Path) -> None:
-    """Compile `source` to `target` through temporary names in the same folder, then rename."""
+def _build(sources: dict[str, bytes], target: Path) -> None:
+    """Compile `sources` to `target` through temporary names in the same folder, then rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        src = Path(tmp) / SOURCE
-        src.write_bytes(source)
+        srcs = []
+        for name, text in sources.items():
+            srcs.append(Path(tmp) / name)
+            srcs[-1].write_bytes(text)
         out = Path(tmp) / target.name
-        cmd = [*_compiler(), *FLAGS, str(src), "-o", str(out)]
+        cmd = [*_compiler(), *FLAGS, *map(str, srcs), "-o", str(out)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
@@ -169,9 +182,9 @@ def _build(source: bytes, target: Path) -> None:
 
 def _open(path: Path) -> CpuKernels:
     lib = ctypes.CDLL(str(path))  # CDLL (not PyDLL) releases the GIL during each call
-    lib.dsv3_cpu_fp8_abi.restype = ctypes.c_int
-    if lib.dsv3_cpu_fp8_abi() != ABI:
-        raise RuntimeError(f"{path}: ABI {lib.dsv3_cpu_fp8_abi()}, expected {ABI}")
+    lib.dsv3_cpu_abi.restype = ctypes.c_int
+    if lib.dsv3_cpu_abi() != ABI:
+        raise RuntimeError(f"{path}: ABI {lib.dsv3_cpu_abi()}, expected {ABI}")
     for name, (res, args) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -181,14 +194,14 @@ def _open(path: Path) -> CpuKernels:
 @functools.lru_cache(maxsize=None)
 def _load() -> CpuKernels | None:
     try:
-        source = resources.files("dsv3_kernels").joinpath(SOURCE).read_bytes()
-        path = library_path(source)
+        sources = {name: resources.files("dsv3_kernels").joinpath(name).read_bytes() for name in SOURCES}
+        path = library_path(sources)
         if path.is_file():
             try:
                 return _open(path)
             except OSError as exc:  # damaged by something else: build it again
                 _debug(f"{path}: cannot be loaded ({exc}); rebuilding")
-        _build(source, path)
+        _build(sources, path)
         return _open(path)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
         _debug(f"C kernels unavailable, using the torch path: {exc}")

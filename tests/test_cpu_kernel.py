@@ -206,10 +206,10 @@ def test_concurrent_builds_and_cache_key(kern, tmp_path, monkeypatch):
     p = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.stdout.strip() == str(built) and "rebuilding" in p.stderr and built.read_bytes() != b"not a library", p.stderr
     # the name changes with the source and with the compiler command
-    plain = cpu.library_path(b"int x;")
-    assert plain != cpu.library_path(b"int y;")
+    plain = cpu.library_path({"a.c": b"int x;"})
+    assert plain != cpu.library_path({"a.c": b"int y;"})
     monkeypatch.setenv("CC", "cc -DSOMETHING")
-    assert cpu.library_path(b"int x;") != plain
+    assert cpu.library_path({"a.c": b"int x;"}) != plain
 
 
 def test_no_compiler_or_switched_off_means_torch_path(tmp_path, monkeypatch):

@@ -1,0 +1,154 @@
+"""The C kernels of kernels/cpu_gemm.c (few-row products, a MoE layer's routed experts, RMSNorm)
+against float64 references and the torch paths they replace, on fresh random inputs (the seed
+is in every failure message) at ragged shapes, strided and expanded views; and the property MTP
+verification relies on: a row's result never depends on the other rows in the call.
+Skipped, with the reason, where the kernels cannot be built."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3cli.config import load_preset
+from dsv3cli.model import MoE, RMSNorm
+from dsv3cli.parallel import SMALL_ROWS, Dist, linear, matmul_into, onednn
+
+cpu = pytest.importorskip("dsv3_kernels.cpu", reason="dsv3_kernels is not importable (package not installed)")
+
+SEED = int.from_bytes(os.urandom(4), "little")
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kern():
+    k = cpu.load()
+    if k is None:
+        pytest.skip("the C kernels could not be built here (no C compiler?); DSV3_DEBUG=1 says why")
+    return k
+
+
+@pytest.fixture(autouse=True)
+def inference():
+    """The kernels serve inference only (under autograd the layers keep torch's differentiable ops)."""
+    with torch.no_grad():
+        yield
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, msg: str) -> None:
+    """y within one bfloat16 rounding of ref (float64), plus float32 accumulation error (bound = |x| @ |w|)."""
+    err = (y.double() - ref).abs()
+    tol = ref.abs() * 2.0**-8 + bound * 2.0**-18 + 1e-30
+    assert bool((err <= tol).all()), f"{msg}: max error {err.max():.3g}, worst excess {(err - tol).max():.3g}"
+
+
+@pytest.mark.parametrize("K", [1, 7, 31, 32, 33, 64, 65, 96, 200, 512])
+def test_linear_few_rows_matches_float64_and_rows_are_independent(K):
+    g = torch.Generator().manual_seed(SEED + K)
+    for M in (1, 2, 3, 4, 5, 9, SMALL_ROWS):
+        for N in (1, 5, 130):
+            x = torch.randn(2, M, K, generator=g).to(BF16)[1]  # a view into a larger tensor
+            w = torch.randn(N, K, generator=g).to(BF16)
+            y = linear(x, w)
+            msg = f"seed {SEED + K}, M {M} N {N} K {K}"
+            _close(y, x.double() @ w.double().T, x.double().abs() @ w.double().abs().T, msg)
+            # the same bits for each row alone, and for a block of rows at another offset
+            for i in range(M):
+                assert torch.equal(linear(x[i : i + 1], w), y[i : i + 1]), f"{msg}: row {i} differs alone"
+            assert torch.equal(linear(x[1:], w), y[1:]), msg
+
+
+def test_linear_many_rows_and_float32_go_through_torch():
+    g = torch.Generator().manual_seed(SEED)
+    w = torch.randn(24, 40, generator=g)
+    x = torch.randn(SMALL_ROWS + 3, 40, generator=g)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    with onednn(False):  # what `linear` picks for a product this small
+        assert torch.equal(linear(x.to(BF16), w.to(BF16)), F.linear(x.to(BF16), w.to(BF16)))
+
+
+@pytest.mark.parametrize("nn", [False, True])
+def test_matmul_into_strided_and_expanded_views(nn):
+    """The attention's shapes: heads-first views of [B,T,H,*] tensors, a weight shared by the batch."""
+    g = torch.Generator().manual_seed(SEED + nn)
+    for B, T, H, K, N in [(1, 1, 8, 64, 128), (2, 3, 5, 33, 17), (3, 2, 1, 160, 7)]:
+        x = torch.randn(B, T, H, K + 3, generator=g).to(BF16)[..., :K].transpose(1, 2)  # [B,H,T,K], strided
+        w = torch.randn(1, H, K if nn else N, N if nn else K, generator=g).to(BF16).expand(B, -1, -1, -1)
+        out = torch.empty(B, T, H, N, dtype=BF16).transpose(1, 2)  # [B,H,T,N], strided
+        matmul_into(x, w, out, nn=nn)
+        wt = w.double() if nn else w.double().transpose(-1, -2)
+        msg = f"seed {SEED + nn}, B {B} T {T} H {H} K {K} N {N}"
+        _close(out, x.double() @ wt, x.double().abs() @ wt.abs(), msg)
+        out1 = torch.empty(B, 1, H, N, dtype=BF16).transpose(1, 2)
+        matmul_into(x[:, :, -1:], w, out1, nn=nn)
+        assert torch.equal(out1, out[:, :, -1:]), f"{msg}: the last row alone differs"
+
+
+def test_matmul_into_without_kernels_is_torch(monkeypatch):
+    monkeypatch.setenv("DSV3_CPU_KERNEL", "0")
+    g = torch.Generator().manual_seed(SEED)
+    x, w = torch.randn(1, 2, 3, 40, generator=g).to(BF16), torch.randn(1, 2, 6, 40, generator=g).to(BF16)
+    out = matmul_into(x, w, torch.empty(1, 2, 3, 6, dtype=BF16))
+    assert torch.equal(out, torch.matmul(x, w.transpose(-1, -2)))
+
+
+def _moe(dtype, D, I, E, K, world=1, rank=0):
+    cfg = load_preset("tiny")
+    cfg = cfg.replace(hidden_size=D, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K, n_group=1, topk_group=1,
+                      n_shared_experts=0)
+    m = MoE(cfg, Dist(rank=rank, world_size=world), 1, dtype=dtype, fp8=False, scratch=None, scale_fmt="e4m3")
+    g = torch.Generator().manual_seed(SEED + D + I)
+    m.w13.copy_(torch.randn(m.w13.shape, generator=g) / D**0.5)
+    m.w2.copy_(torch.randn(m.w2.shape, generator=g) / I**0.5)
+    return m
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("D,I,N", [(40, 24, 1), (96, 48, 3), (64, 33, 37), (130, 70, 20)])
+def test_moe_routed_matches_float64_loop(dtype, D, I, N):
+    """dsv3_moe against a float64 loop over (token, expert) pairs, also for one rank's experts."""
+    E, K = 6, 3
+    for world, rank in [(1, 0), (2, 1)]:
+        m = _moe(dtype, D, I, E, K, world, rank)
+        g = torch.Generator().manual_seed(SEED + N)
+        x = torch.randn(N, D, generator=g).to(dtype)
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+        wt = torch.rand(N, K, generator=g)
+        kern = m.c_kernels(x)
+        assert kern is not None
+        y = m.routed_c(kern, x, wt, idx)
+        ref = torch.zeros(N, D, dtype=torch.float64)
+        for n in range(N):
+            for j in range(K):
+                e = int(idx[n, j])
+                if not m.lo <= e < m.hi:
+                    continue
+                gu = m.w13[e - m.lo].double() @ x[n].double()
+                ref[n] += wt[n, j].double() * (m.w2[e - m.lo].double() @ (F.silu(gu[:I]) * gu[I:]))
+        msg = f"seed {SEED + N}, {dtype}, D {D} I {I} N {N}, rank {rank}/{world}"
+        tol = 2e-2 if dtype == BF16 else 1e-5  # bfloat16: the activations are rounded once
+        err = (y.double() - ref).abs().max().item()
+        assert err <= tol * max(ref.abs().max().item(), 1e-6), f"{msg}: max error {err:.3g}"
+        loop = m.routed_loop(x, wt, idx)  # the torch path it replaces
+        assert (y.double() - loop.double()).abs().max().item() <= 2 * tol * max(ref.abs().max().item(), 1e-6), msg
+        # a token's result does not depend on the others
+        for n in (0, N - 1):
+            assert torch.equal(m.routed_c(kern, x[n : n + 1], wt[n : n + 1], idx[n : n + 1]), y[n : n + 1]), msg
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_rmsnorm_matches_torch(dtype):
+    g = torch.Generator().manual_seed(SEED)
+    for D in (1, 17, 96, 512):
+        norm = RMSNorm(D, 1e-6)
+        norm.weight.copy_(torch.randn(D, generator=g))
+        x = torch.randn(3, 4, D + 5, generator=g).to(dtype)[..., 2 : D + 2]  # rows not contiguous
+        y = norm(x)
+        xd = x.double()
+        ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.double()
+        tol = 2.0**-8 if dtype == BF16 else 1e-6
+        err = ((y.double() - ref).abs() / (ref.abs() + 1e-3)).max().item()
+        assert err <= tol, f"seed {SEED}, {dtype}, D {D}: max relative error {err:.3g}"
+        assert y.dtype == dtype and y.shape == x.shape
