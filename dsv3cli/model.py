@@ -40,6 +40,10 @@ from .parallel import (
     split_range,
 )
 
+# Forwards of at most this many tokens (B*T) run their attention through the C kernel on the CPU.
+FEW_TOKENS = 8
+
+
 class Positions(NamedTuple):
     """What every layer of one forward needs about where its tokens sit, computed once."""
 
@@ -148,8 +152,11 @@ class MLA(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.h, self.nope + self.rope)
+        kva = self.kv_a_proj_with_mqa(x)  # [B,T,C+R]
+        if (kern := self.c_kernels(q, kva)) is not None:
+            return self.o_proj(self._absorbed_c(kern, q, kva, at).flatten(2))
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B,T,H,nope], [B,T,H,R]
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.c, self.rope], dim=-1)  # [B,T,C], [B,T,R]
+        latent, k_pe = kva.split([self.c, self.rope], dim=-1)  # [B,T,C], [B,T,R]
         # One rotation for the query heads and the shared key: [B,T,H+1,R]
         q_pe, k_pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos, sin).split([self.h, 1], dim=2)
         k_pe = k_pe.squeeze(2)
@@ -183,6 +190,29 @@ class MLA(nn.Module):
             lat = matmul_into(probs, kv.unsqueeze(1), x.new_empty(B, 1, self.h * n, self.c), nn=True)  # [B,1,H*n,C]
             matmul_into(lat.view(B, self.h, n, self.c), wv, out[:, t : t + rows].transpose(1, 2))  # [B,H,n,vdim]
         return self.o_proj(out.flatten(2))
+
+    def c_kernels(self, q: torch.Tensor, kva: torch.Tensor):
+        """The C kernels when this forward's attention can run through `_absorbed_c`: the absorbed
+        path, a few tokens (decode, MTP verification), contiguous inputs, on the CPU."""
+        if self.impl != "absorb" or q.shape[0] * q.shape[1] > FEW_TOKENS or not (q.is_contiguous() and kva.is_contiguous()):
+            return None
+        return cpu_kernels(q)
+
+    def _absorbed_c(self, kern, q: torch.Tensor, kva: torch.Tensor, at: "Positions") -> torch.Tensor:
+        """The absorbed path (cache write included) in one call of the C kernel (cpu_gemm.c's
+        dsv3_mla), the same steps and roundings as the torch code in `forward` -> [B,T,H,vdim]."""
+        B, T = q.shape[:2]
+        w = self.kv_b_proj.dense_weight(q.dtype)
+        if not w.is_contiguous():
+            w = w.contiguous()
+        out = q.new_empty(B, T, self.h, self.vdim)
+        norm = self.kv_a_layernorm
+        if kern.lib.dsv3_mla(int(q.dtype == torch.bfloat16), q.data_ptr(), kva.data_ptr(), norm.weight.data_ptr(), norm.eps,
+                             at.cos.data_ptr(), at.sin.data_ptr(), at.pos.data_ptr(), self.kv_cache.data_ptr(),
+                             self.kv_cache.shape[1], w.data_ptr(), self.scale, out.data_ptr(),
+                             B, T, self.h, self.nope, self.rope, self.c, self.vdim):
+            raise MemoryError("dsv3_mla: out of memory for its scratch buffers")
+        return out
 
     def _naive(self, q_nope, q_pe, cache, hide, rows: int) -> torch.Tensor:
         """The reference path: K/V expanded from the latent cache -> [B,T,H,vdim]."""
@@ -257,6 +287,25 @@ class Gate(nn.Module):
             self._weight_f32 = (w._version, w.float())
         return self._weight_f32[1]
 
+    @property
+    def c_routable(self) -> bool:
+        """DeepSeek-V3's router (noaux_tc over sigmoid scores), which `route_c` implements."""
+        return self.method == "noaux_tc" and self.score_func == "sigmoid"
+
+    def route_c(self, kern, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same as `forward` (without `want_nobias`) in one call of the C kernel
+        (cpu_gemm.c's dsv3_route): x [N,D] -> weights [N,K] float32, experts [N,K] best first."""
+        N, E = x.shape[0], self.weight.shape[0]
+        x = x.contiguous()
+        idx = torch.empty(N, self.k, dtype=torch.long)
+        w = torch.empty(N, self.k, dtype=torch.float32)
+        bias = self.e_score_correction_bias
+        if kern.lib.dsv3_route(int(x.dtype == torch.bfloat16), x.data_ptr(), self.weight_f32().data_ptr(),
+                               bias.data_ptr() if bias is not None else None, N, x.shape[1], E, self.groups,
+                               self.topk_groups, self.k, int(self.norm), self.route_scale, idx.data_ptr(), w.data_ptr()):
+            raise MemoryError("dsv3_route: out of memory for its scratch buffer")
+        return w, idx
+
     def forward(self, x: torch.Tensor, want_nobias: bool = False):
         """x [N,D] -> weights [N,K] float32, experts [N,K], experts chosen without the bias [N,K] | None."""
         logits = F.linear(x.float(), self.weight_f32() if not torch.is_grad_enabled() else self.weight.float())  # [N,E]
@@ -324,39 +373,49 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N,D]
-        w, idx, nobias = self.gate(x, want_nobias=self.observer is not None)
-        if self.observer is not None:
-            self.observer(self.layer_idx, idx, nobias, valid)
         kern = self.c_kernels(x)
-        if kern is not None:
-            y = self.routed_c(kern, x, w, idx)
-        elif self.use_dense(x.shape[0]):
-            y = self.routed_dense(x, w, idx)
-        elif self.use_batched(idx.numel()):
-            y = self.routed_batched(x, w, idx)
+        if kern is not None and self.observer is None and self.gate.c_routable:
+            y = self.experts_c(kern, x, *self.gate.route_c(kern, x), shared=True)
         else:
-            y = self.routed_loop(x, w, idx)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = self.routed(kern, x, valid)
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(x)
         if self.dist.world_size > 1:
             tdist.all_reduce(y, group=self.dist.group)
         return y.view(shape)
 
+    def routed(self, kern, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """The router (torch) and the routed experts, with the route shown to `observer`."""
+        w, idx, nobias = self.gate(x, want_nobias=self.observer is not None)
+        if self.observer is not None:
+            self.observer(self.layer_idx, idx, nobias, valid)
+        if kern is not None:
+            return self.experts_c(kern, x, w, idx)
+        if self.use_dense(x.shape[0]):
+            return self.routed_dense(x, w, idx)
+        if self.use_batched(idx.numel()):
+            return self.routed_batched(x, w, idx)
+        return self.routed_loop(x, w, idx)
+
     def c_kernels(self, x: torch.Tensor):
-        """The C kernels when the routed experts can run through `routed_c`: stacked (not FP8)
+        """The C kernels when the experts can run through `experts_c`: stacked (not FP8)
         weights on the CPU, no autograd, a compiler at hand."""
         return cpu_kernels(x) if self.w13 is not None else None
 
-    def routed_c(self, kern, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The same as `routed_loop` in one call of the C kernel (cpu_gemm.c's dsv3_moe): each
-        local expert runs once on all its tokens, with float32 activations and accumulation."""
+    def experts_c(self, kern, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """The same as `routed_loop` (plus the shared expert when `shared`) in one call of the C
+        kernel (cpu_gemm.c's dsv3_moe): each local expert runs once on all its tokens, with
+        float32 activations and accumulation."""
         x, w, idx = x.contiguous(), w.float().contiguous(), idx.contiguous()
         y = torch.empty_like(x)
         N, K = idx.shape
         I = self.w2.shape[-1]
-        bf16 = int(x.dtype == torch.bfloat16)
-        if kern.lib.dsv3_moe(bf16, x.data_ptr(), idx.data_ptr(), w.data_ptr(), self.w13.data_ptr(), self.w2.data_ptr(),
-                             y.data_ptr(), N, K, x.shape[1], I, self.lo, self.hi):
+        se = self.shared_experts if shared else None
+        sw = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight) if se is not None else ()
+        sp = [t.data_ptr() for t in sw] or [None] * 3
+        if kern.lib.dsv3_moe(int(x.dtype == torch.bfloat16), x.data_ptr(), idx.data_ptr(), w.data_ptr(), self.w13.data_ptr(),
+                             self.w2.data_ptr(), y.data_ptr(), N, K, x.shape[1], I, self.lo, self.hi, *sp,
+                             sw[0].shape[0] if sw else 0):
             raise MemoryError("dsv3_moe: out of memory for its scratch buffers")
         return y
 

@@ -54,8 +54,12 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_f32_to_e4m3": (None, (_p, _p, _i64)),
     # bf16, nn, x, w, y, B, H, M, N, K, sxb, sxh, sxm, swb, swh, sw, syb, syh, sym -> 0, or -1 without memory
     "dsv3_gemm": (_i64, (ctypes.c_int, ctypes.c_int, _p, _p, _p) + (_i64,) * 14),
-    # bf16, x, idx, wt, w13, w2, y, N, K, D, I, lo, hi -> 0, or -1 without memory
-    "dsv3_moe": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 6),
+    # bf16, x, idx, wt, w13, w2, y, N, K, D, I, lo, hi, sg, su, sd, Is -> 0, or -1 without memory
+    "dsv3_moe": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 6 + (_p, _p, _p, _i64)),
+    # bf16, x, wg, bias, N, D, E, G, TG, K, norm, scale, idx, wt -> 0, or -1 without memory
+    "dsv3_route": (_i64, (ctypes.c_int, _p, _p, _p) + (_i64,) * 6 + (ctypes.c_int, ctypes.c_float, _p, _p)),
+    # bf16, q, kva, normw, eps, cos, ssin, pos, cache, maxS, wkv, scale, out, B, T, H, nope, R, C, vdim -> 0 / -1
+    "dsv3_mla": (_i64, (ctypes.c_int, _p, _p, _p, ctypes.c_float, _p, _p, _p, _p, _i64, _p, ctypes.c_float, _p) + (_i64,) * 7),
     # bf16, x, ldx, w, y, rows, D, eps
     "dsv3_rmsnorm": (None, (ctypes.c_int, _p, _i64, _p, _p, _i64, _i64, ctypes.c_float)),
 }

@@ -263,59 +263,246 @@ int64_t dsv3_gemm(int bf16, int nn, const void *x, const void *w, void *y, int64
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-/* The routed experts of a MoE layer for N tokens:
- *   y[n] = sum over k with lo <= idx[n][k] < hi of
+/* out [r,D] (float32) = down(silu(gate xs) * up xs) for r gathered rows xs [r,D]; gate and up
+ * [I,D] (gate and up rows), down [D,I]; scratch gu [ROWS,2I], act [ROWS,I] floats. */
+static void swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const void *wg, const void *wu, const void *wd,
+                        int64_t I, float *gu, float *act, float *out) {
+    if (bf16) {
+        uint16_t *act16 = (uint16_t *)act; /* the same memory, as a bfloat16 product's input */
+        nt_bf16(xs, D, wg, D, gu, 2 * I, r, I, D);
+        nt_bf16(xs, D, wu, D, gu + I, 2 * I, r, I, D);
+        for (int64_t j = 0; j < r; j++)
+            for (int64_t i = 0; i < I; i++) act16[j * I + i] = f32_bf16(silu(gu[j * 2 * I + i]) * gu[j * 2 * I + I + i]);
+        nt_bf16(act16, I, wd, I, out, D, r, D, I);
+    } else {
+        nt_f32(xs, D, wg, D, gu, 2 * I, r, I, D);
+        nt_f32(xs, D, wu, D, gu + I, 2 * I, r, I, D);
+        for (int64_t j = 0; j < r; j++)
+            for (int64_t i = 0; i < I; i++) act[j * I + i] = silu(gu[j * 2 * I + i]) * gu[j * 2 * I + I + i];
+        nt_f32(act, I, wd, I, out, D, r, D, I);
+    }
+}
+
+/* A MoE layer's experts for N tokens (the router's choices given):
+ *   y[n] = shared(x[n]) + sum over k with lo <= idx[n][k] < hi of
  *          wt[n][k] * down_e(silu(gate_e x[n]) * up_e x[n]),  e = idx[n][k] - lo
- * w13 [E_local, 2I, D] (gate rows then up rows), w2 [E_local, D, I]; x, y [N, D] and the weights
- * all bfloat16 (bf16=1) or all float32; idx int64 [N, Kx]; wt float32 [N, Kx]. Expert by expert,
- * its tokens gathered in groups of up to ROWS, so each weight row is read once per group. The
- * hidden activations stay float32 (rounded to bfloat16 as the input of a bfloat16 product), and
- * y accumulates in float32, rounded once at the end. Returns 0, or -1 when scratch memory cannot
- * be had (y is untouched then). */
+ * w13 [E_local, 2I, D] (gate rows then up rows), w2 [E_local, D, I]; the shared expert (this
+ * rank's part; none when sg is NULL): gate sg and up su [Is,D], down sd [D,Is]. x, y [N,D] and
+ * the weights all bfloat16 (bf16=1) or all float32; idx int64 [N,Kx]; wt float32 [N,Kx].
+ * Expert by expert, its tokens gathered in groups of up to ROWS, so each weight row is read once
+ * per group. The hidden activations stay float32 (rounded to bfloat16 as the input of a
+ * bfloat16 product), and y accumulates in float32, rounded once at the end. Returns 0, or -1
+ * when scratch memory cannot be had (y is untouched then). */
 #define ROWS 16
 int64_t dsv3_moe(int bf16, const void *x, const int64_t *idx, const float *wt, const void *w13, const void *w2, void *y,
-                 int64_t N, int64_t Kx, int64_t D, int64_t I, int64_t lo, int64_t hi) {
+                 int64_t N, int64_t Kx, int64_t D, int64_t I, int64_t lo, int64_t hi, const void *sg, const void *su,
+                 const void *sd, int64_t Is) {
     size_t es = bf16 ? 2 : 4;
-    float *acc = malloc((size_t)(N * D + ROWS * (3 * I + D)) * sizeof(float) + (size_t)ROWS * D * es);
+    int64_t Im = sg && Is > I ? Is : I;
+    float *acc = malloc((size_t)(N * D + ROWS * (3 * Im + D)) * sizeof(float) + (size_t)ROWS * D * es);
     if (!acc) return -1;
-    float *gu = acc + N * D, *act = gu + ROWS * 2 * I, *out = act + ROWS * I;
+    float *gu = acc + N * D, *act = gu + ROWS * 2 * Im, *out = act + ROWS * Im;
     char *xs = (char *)(out + ROWS * D); /* the group's token rows, gathered */
-    uint16_t *act16 = (uint16_t *)act;  /* the same memory, for a bfloat16 product's input */
     int64_t tok[ROWS];
     float scale[ROWS];
     memset(acc, 0, (size_t)(N * D) * sizeof(float));
-    for (int64_t e = lo; e < hi; e++) {
-        const char *we13 = (const char *)w13 + (e - lo) * 2 * I * D * es;
-        const char *we2 = (const char *)w2 + (e - lo) * D * I * es;
+    for (int64_t e = lo - (sg != NULL); e < hi; e++) { /* e = lo - 1: the shared expert, every token */
+        const char *wg, *wu, *wd;
+        int64_t Ie = e < lo ? Is : I;
+        if (e < lo) {
+            wg = sg, wu = su, wd = sd;
+        } else {
+            wg = (const char *)w13 + (e - lo) * 2 * I * D * es, wu = wg + I * D * es;
+            wd = (const char *)w2 + (e - lo) * D * I * es;
+        }
         int64_t n = 0;
         while (n < N) {
             int64_t r = 0;
             for (; n < N && r < ROWS; n++)
-                for (int64_t k = 0; k < Kx; k++)
-                    if (idx[n * Kx + k] == e) {
-                        tok[r] = n, scale[r] = wt[n * Kx + k];
+                for (int64_t k = 0; k < (e < lo ? 1 : Kx); k++)
+                    if (e < lo || idx[n * Kx + k] == e) {
+                        tok[r] = n, scale[r] = e < lo ? 1.0f : wt[n * Kx + k];
                         memcpy(xs + r * D * es, (const char *)x + n * D * es, (size_t)D * es);
                         r++;
                         break; /* an expert appears once in a token's choices */
                     }
             if (r == 0) break;
-            if (bf16) {
-                nt_bf16((const uint16_t *)xs, D, (const uint16_t *)we13, D, gu, 2 * I, r, 2 * I, D);
-                for (int64_t j = 0; j < r; j++)
-                    for (int64_t i = 0; i < I; i++) act16[j * I + i] = f32_bf16(silu(gu[j * 2 * I + i]) * gu[j * 2 * I + I + i]);
-                nt_bf16(act16, I, (const uint16_t *)we2, I, out, D, r, D, I);
-            } else {
-                nt_f32((const float *)xs, D, (const float *)we13, D, gu, 2 * I, r, 2 * I, D);
-                for (int64_t j = 0; j < r; j++)
-                    for (int64_t i = 0; i < I; i++) act[j * I + i] = silu(gu[j * 2 * I + i]) * gu[j * 2 * I + I + i];
-                nt_f32(act, I, (const float *)we2, I, out, D, r, D, I);
-            }
+            swiglu_rows(bf16, xs, r, D, wg, wu, wd, Ie, gu, act, out);
             for (int64_t j = 0; j < r; j++)
                 for (int64_t d = 0; d < D; d++) acc[tok[j] * D + d] += scale[j] * out[j * D + d];
         }
     }
     store(acc, y, bf16, N * D);
     free(acc);
+    return 0;
+}
+
+/* index of the largest v[i] among allowed ones (-1 if none); ties go to the lowest index */
+static int64_t argmax_allowed(const float *v, const unsigned char *allowed, int64_t n) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (allowed[i] && (best < 0 || v[i] > v[best])) best = i;
+    return best;
+}
+
+/* DeepSeek-V3's router (noaux_tc, sigmoid scores) for N tokens: logits = x . wg^T (float32,
+ * wg [E,D]); s = sigmoid(logits); selection on s + bias (bias may be NULL): the TG of G groups
+ * with the largest sum of their top two, then the top K experts inside them, best first; the
+ * weights are s at the chosen experts, divided by their sum (+1e-20) when norm, times scale.
+ * x [N,D] bfloat16 (bf16=1) or float32; idx int64 [N,K] and wt float32 [N,K] are written.
+ * Returns 0, or -1 when scratch memory cannot be had. */
+int64_t dsv3_route(int bf16, const void *x, const float *wg, const float *bias, int64_t N, int64_t D, int64_t E,
+                   int64_t G, int64_t TG, int64_t K, int norm, float scale, int64_t *idx, float *wt) {
+    float *xf = malloc((size_t)(D + 3 * E + G) * sizeof(float) + (size_t)(E + G));
+    if (!xf) return -1;
+    float *s = xf + D, *sb = s + E, *gs = sb + E;
+    unsigned char *ok = (unsigned char *)(gs + G), *gok = ok + E;
+    int64_t per = E / G;
+    for (int64_t n = 0; n < N; n++) {
+        to_f32((const char *)x + n * D * (bf16 ? 2 : 4), bf16, D, 1, D, xf);
+        nt_f32(xf, D, wg, D, s, E, 1, E, D);
+        for (int64_t e = 0; e < E; e++) {
+            s[e] = 1.0f / (1.0f + expf(-s[e]));
+            sb[e] = bias ? s[e] + bias[e] : s[e];
+            ok[e] = 1;
+        }
+        if (G > 1) {
+            for (int64_t g = 0; g < G; g++) {
+                const float *v = sb + g * per;
+                int64_t a = 0;
+                for (int64_t i = 1; i < per; i++) a = v[i] > v[a] ? i : a;
+                int64_t b = a == 0 ? 1 : 0;
+                for (int64_t i = 0; i < per; i++) b = i != a && v[i] > v[b] ? i : b;
+                gs[g] = v[a] + v[b];
+                gok[g] = 1;
+            }
+            memset(ok, 0, (size_t)E);
+            for (int64_t t = 0; t < TG; t++) {
+                int64_t g = argmax_allowed(gs, gok, G);
+                gok[g] = 0;
+                memset(ok + g * per, 1, (size_t)per);
+            }
+        }
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t e = argmax_allowed(sb, ok, E);
+            ok[e] = 0;
+            idx[n * K + k] = e;
+            wt[n * K + k] = s[e];
+            sum += s[e];
+        }
+        for (int64_t k = 0; k < K; k++) wt[n * K + k] = (norm ? wt[n * K + k] / (sum + 1e-20f) : wt[n * K + k]) * scale;
+    }
+    free(xf);
+    return 0;
+}
+/* v rounded to bfloat16 when bf16 (stored as float), else v */
+static inline float rnd(int bf16, float v) { return bf16 ? bf16_f32(f32_bf16(v)) : v; }
+static inline float get(int bf16, const void *p, int64_t i) {
+    return bf16 ? bf16_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void put(int bf16, void *p, int64_t i, float v) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* Rotate interleaved pairs of n values: (x0 c - x1 s, x1 c + x0 s), with one position's rows of
+ * the model's tables: cos (each pair's cos twice) and ssin ((-sin, +sin) per pair). */
+static void rope(const float *x, const float *cos, const float *ssin, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i += 2) {
+        out[i] = x[i] * cos[i] + x[i + 1] * ssin[i];
+        out[i + 1] = x[i + 1] * cos[i + 1] + x[i] * ssin[i + 1];
+    }
+}
+
+/* Absorbed multi-head latent attention for a few new tokens, one call per layer: writes the
+ * tokens' cache entries (RMSNorm'd latent, roped key) at their positions, then for every token
+ * and head: q_abs = q_nope . Wk[h], scores over the cache positions 0..pos (the causal mask),
+ * softmax, the latent mix, and its projection by Wv[h]. The same steps and roundings as
+ * MLA.forward's torch path (each intermediate rounded to the compute dtype where that path
+ * rounds it: q, probabilities, the latent mix), through the same small products.
+ *   q [B,T,H,nope+R], kva [B,T,C+R] (kv_a_proj's output), normw float32 [C], cos/ssin float32
+ *   [B,T,R] (the tables at the tokens' positions), pos int64 [B,T], cache [maxB,maxS,C+R], wkv [H,nope+vdim,C] (kv_b_proj), out
+ *   [B,T,H,vdim]; tensors bfloat16 (bf16=1) or float32, all contiguous.
+ * Returns 0, or -1 when scratch memory cannot be had (nothing is written then). */
+int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, float eps, const float *cos,
+                 const float *ssin, const int64_t *pos, void *cache, int64_t maxS, const void *wkv, float scale, void *out,
+                 int64_t B, int64_t T, int64_t H, int64_t nope, int64_t R, int64_t C, int64_t vdim) {
+    size_t es = bf16 ? 2 : 4;
+    int64_t QK = nope + R, CR = C + R, S = 0;
+    for (int64_t i = 0; i < B * T; i++) S = pos[i] + 1 > S ? pos[i] + 1 : S;
+    int64_t M = H * T;
+    size_t nf = (size_t)(CR + M * nope + M * C + M * S + M * vdim + (M * CR + M * C) * 2);
+    float *tmp = malloc(nf * sizeof(float));
+    if (!tmp) return -1;
+    float *row = tmp, *qn = row + CR, *qa = qn + M * nope, *sc = qa + M * C, *yo = sc + M * S;
+    char *qcat = (char *)(yo + M * vdim), *lat = qcat + M * CR * es; /* in the compute dtype */
+    float *lf = (float *)(lat + M * C * es);
+    for (int64_t b = 0; b < B; b++) {
+        char *cb = (char *)cache + b * maxS * CR * es;
+        for (int64_t t = 0; t < T; t++) { /* cache entries first: token t sees tokens t' < t */
+            const char *src = (const char *)kva + (b * T + t) * CR * es;
+            int64_t p = pos[b * T + t];
+            float ss = 0.0f;
+            for (int64_t c = 0; c < CR; c++) row[c] = get(bf16, src, c);
+            for (int64_t c = 0; c < C; c++) ss += row[c] * row[c];
+            float inv = 1.0f / sqrtf(ss / (float)C + eps);
+            for (int64_t c = 0; c < C; c++) put(bf16, cb + p * CR * es, c, row[c] * inv * normw[c]);
+            float kr[R > 0 ? R : 1];
+            rope(row + C, cos + (b * T + t) * R, ssin + (b * T + t) * R, R, kr);
+            for (int64_t r = 0; r < R; r++) put(bf16, cb + p * CR * es, C + r, kr[r]);
+        }
+        /* q_cat rows (h, t): [q_nope . Wk[h] | rope(q_pe)] * scale */
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < T; t++) {
+                const char *qs = (const char *)q + ((b * T + t) * H + h) * QK * es;
+                for (int64_t d = 0; d < nope; d++) qn[(h * T + t) * nope + d] = get(bf16, qs, d);
+                float qp[R > 0 ? R : 1], qr[R > 0 ? R : 1];
+                for (int64_t r = 0; r < R; r++) qp[r] = get(bf16, qs, nope + r);
+                rope(qp, cos + (b * T + t) * R, ssin + (b * T + t) * R, R, qr);
+                for (int64_t r = 0; r < R; r++) put(bf16, qcat + (h * T + t) * CR * es, C + r, rnd(bf16, qr[r]) * scale);
+            }
+        for (int64_t h = 0; h < H; h++) {
+            const char *wk = (const char *)wkv + h * (nope + vdim) * C * es;
+            if (bf16)
+                nn_bf16(qn + h * T * nope, (const uint16_t *)wk, C, qa + h * T * C, C, T, C, nope);
+            else
+                nn_f32(qn + h * T * nope, (const float *)wk, C, qa + h * T * C, C, T, C, nope);
+        }
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t c = 0; c < C; c++) put(bf16, qcat + m * CR * es, c, rnd(bf16, qa[m * C + c]) * scale);
+        if (bf16)
+            nt_bf16((const uint16_t *)qcat, CR, (const uint16_t *)cb, CR, sc, S, M, S, CR);
+        else
+            nt_f32((const float *)qcat, CR, (const float *)cb, CR, sc, S, M, S, CR);
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < T; t++) { /* softmax over 0..pos, zeros after */
+                float *r = sc + (h * T + t) * S;
+                int64_t n = pos[b * T + t] + 1;
+                float mx = r[0], sum = 0.0f;
+                for (int64_t j = 1; j < n; j++) mx = r[j] > mx ? r[j] : mx;
+                for (int64_t j = 0; j < n; j++) sum += (r[j] = expf(r[j] - mx));
+                for (int64_t j = 0; j < n; j++) r[j] = rnd(bf16, r[j] / sum);
+                for (int64_t j = n; j < S; j++) r[j] = 0.0f;
+            }
+        if (bf16)
+            nn_bf16(sc, (const uint16_t *)cb, CR, lf, C, M, C, S);
+        else
+            nn_f32(sc, (const float *)cb, CR, lf, C, M, C, S);
+        for (int64_t i = 0; i < M * C; i++) put(bf16, lat, i, lf[i]);
+        for (int64_t h = 0; h < H; h++) {
+            const char *wv = (const char *)wkv + (h * (nope + vdim) + nope) * C * es;
+            if (bf16)
+                nt_bf16((const uint16_t *)(lat + h * T * C * es), C, (const uint16_t *)wv, C, yo, vdim, T, vdim, C);
+            else
+                nt_f32((const float *)(lat + h * T * C * es), C, (const float *)wv, C, yo, vdim, T, vdim, C);
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t v = 0; v < vdim; v++) put(bf16, (char *)out + ((b * T + t) * H + h) * vdim * es, v, yo[t * vdim + v]);
+        }
+    }
+    free(tmp);
     return 0;
 }
 

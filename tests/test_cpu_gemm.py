@@ -94,14 +94,19 @@ def test_matmul_into_without_kernels_is_torch(monkeypatch):
     assert torch.equal(out, torch.matmul(x, w.transpose(-1, -2)))
 
 
-def _moe(dtype, D, I, E, K, world=1, rank=0):
+def _moe(dtype, D, I, E, K, world=1, rank=0, shared=0, groups=1):
     cfg = load_preset("tiny")
-    cfg = cfg.replace(hidden_size=D, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K, n_group=1, topk_group=1,
-                      n_shared_experts=0)
+    cfg = cfg.replace(hidden_size=D, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K, n_group=groups,
+                      topk_group=max(1, groups // 2), n_shared_experts=shared)
     m = MoE(cfg, Dist(rank=rank, world_size=world), 1, dtype=dtype, fp8=False, scratch=None, scale_fmt="e4m3")
     g = torch.Generator().manual_seed(SEED + D + I)
     m.w13.copy_(torch.randn(m.w13.shape, generator=g) / D**0.5)
     m.w2.copy_(torch.randn(m.w2.shape, generator=g) / I**0.5)
+    m.gate.weight.copy_(torch.randn(m.gate.weight.shape, generator=g))
+    m.gate.e_score_correction_bias.copy_(torch.randn(E, generator=g) * 0.1)
+    if m.shared_experts is not None:
+        for lin in (m.shared_experts.gate_proj, m.shared_experts.up_proj, m.shared_experts.down_proj):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.weight.shape[1] ** 0.5)
     return m
 
 
@@ -118,7 +123,7 @@ def test_moe_routed_matches_float64_loop(dtype, D, I, N):
         wt = torch.rand(N, K, generator=g)
         kern = m.c_kernels(x)
         assert kern is not None
-        y = m.routed_c(kern, x, wt, idx)
+        y = m.experts_c(kern, x, wt, idx)
         ref = torch.zeros(N, D, dtype=torch.float64)
         for n in range(N):
             for j in range(K):
@@ -135,7 +140,7 @@ def test_moe_routed_matches_float64_loop(dtype, D, I, N):
         assert (y.double() - loop.double()).abs().max().item() <= 2 * tol * max(ref.abs().max().item(), 1e-6), msg
         # a token's result does not depend on the others
         for n in (0, N - 1):
-            assert torch.equal(m.routed_c(kern, x[n : n + 1], wt[n : n + 1], idx[n : n + 1]), y[n : n + 1]), msg
+            assert torch.equal(m.experts_c(kern, x[n : n + 1], wt[n : n + 1], idx[n : n + 1]), y[n : n + 1]), msg
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
@@ -152,3 +157,73 @@ def test_rmsnorm_matches_torch(dtype):
         err = ((y.double() - ref).abs() / (ref.abs() + 1e-3)).max().item()
         assert err <= tol, f"seed {SEED}, {dtype}, D {D}: max relative error {err:.3g}"
         assert y.dtype == dtype and y.shape == x.shape
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_route_matches_the_torch_router(dtype, groups):
+    """dsv3_route against Gate.forward (noaux_tc: sigmoid, bias for selection only, group-limited top-k)."""
+    m = _moe(dtype, 40, 16, 16, 3, groups=groups)
+    g = torch.Generator().manual_seed(SEED + groups)
+    x = torch.randn(23, 40, generator=g).to(dtype)
+    kern = m.c_kernels(x)
+    assert m.gate.c_routable
+    w, idx = m.gate.route_c(kern, x)
+    w_ref, idx_ref, _ = m.gate(x)
+    msg = f"seed {SEED + groups}, {dtype}, {groups} groups"
+    assert torch.equal(idx, idx_ref), msg  # both best first
+    assert torch.allclose(w, w_ref, rtol=1e-5, atol=1e-7), msg
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_moe_layer_c_path_matches_torch_path(dtype, monkeypatch):
+    """The whole layer (router, routed and shared experts in C) against the torch layer, also for
+    one rank's part of the experts and of the shared expert."""
+    for world, rank in [(1, 0), (2, 1)]:
+        m = _moe(dtype, 64, 32, 8, 2, world, rank, shared=2, groups=4)
+        g = torch.Generator().manual_seed(SEED + rank)
+        x = torch.randn(2, 5, 64, generator=g).to(dtype)
+        if world == 1:
+            y = m(x)
+            with monkeypatch.context() as mp:
+                mp.setenv("DSV3_CPU_KERNEL", "0")
+                assert m.c_kernels(x) is None
+                ref = m(x)
+        else:  # this rank's partial sum, before the all_reduce of MoE.forward
+            x = x.view(-1, 64)
+            y = m.experts_c(m.c_kernels(x), x, *m.gate.route_c(m.c_kernels(x), x), shared=True)
+            w, idx, _ = m.gate(x)
+            ref = m.routed_loop(x, w, idx) + m.shared_experts(x)
+        tol = 2e-2 if dtype == BF16 else 1e-5
+        err = (y.double() - ref.double()).abs().max().item()
+        assert err <= tol * ref.abs().max().item(), f"seed {SEED + rank}, {dtype}, rank {rank}/{world}: max error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_attention_c_path_matches_torch_path(dtype, monkeypatch):
+    """Decode and MTP-verification-sized forwards (attention through dsv3_mla) against the same
+    model on the torch path, after a prefill, for two sequences at different positions."""
+    from dsv3cli.model import FEW_TOKENS, Transformer
+
+    cfg = load_preset("tiny").replace(hidden_size=72, kv_lora_rank=40, qk_nope_head_dim=24, qk_rope_head_dim=8,
+                                      v_head_dim=20, q_lora_rank=56, num_attention_heads=3)
+    logits = {}
+    for c_path in (True, False):
+        model = Transformer(cfg, dtype=dtype, max_batch_size=2, max_seq_len=64)
+        for name, p in model.named_parameters():  # the same weights for both: O(1) activations
+            p.copy_((1 + 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(SEED))) if p.dim() == 1
+                    else torch.randn(p.shape, generator=torch.Generator().manual_seed(SEED)) / p.shape[-1] ** 0.5)
+        with monkeypatch.context() as mp:
+            if not c_path:
+                mp.setenv("DSV3_CPU_KERNEL", "0")
+            prompt = torch.randint(0, cfg.vocab_size, (2, FEW_TOKENS + 5), generator=torch.Generator().manual_seed(SEED))
+            model(prompt, torch.zeros(2, dtype=torch.long))  # prefill: the torch path either way
+            out, pos = [], torch.tensor([FEW_TOKENS + 5, FEW_TOKENS + 2])
+            for T in (1, 3, 2, 1):
+                toks = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(SEED + T))
+                out.append(model(toks, pos)[0])
+                pos = pos + T
+        logits[c_path] = torch.cat(out, 1)
+    tol = 3e-2 if dtype == BF16 else 1e-5
+    err = ((logits[True] - logits[False]).abs().max() / logits[False].abs().max()).item()
+    assert err <= tol, f"seed {SEED}, {dtype}: max relative error {err:.3g}"
