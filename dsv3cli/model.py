@@ -12,6 +12,12 @@ Every cached forward (prefill, decode, multi-token MTP verification) goes throug
 attention path, `Transformer.attn_impl`: "absorb" (default: kv_b_proj folded into the query and
 the output, attention over the latent cache) or "naive" (K/V expanded from the latent cache
 through kv_b_proj; the reference). Both read and write the same cache.
+
+On the CPU, a forward of at most FEW_TOKENS tokens (decode, MTP verification) runs its hot parts
+through the C kernels of kernels/cpu_gemm.c, each behind one method with the torch code as the
+fallback the tests compare against: the absorbed attention (`MLA._absorbed_c`), the V3 router
+(`Gate.route_c`) and the experts (`MoE.experts_c`, also for more tokens: each expert runs once
+on all its tokens); parallel.linear does the same for products of few rows.
 """
 
 from __future__ import annotations
