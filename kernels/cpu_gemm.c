@@ -408,6 +408,14 @@ static inline void put(int bf16, void *p, int64_t i, float v) {
         ((float *)p)[i] = v;
 }
 
+/* one row of D: y = round(x / sqrt(mean(x^2) + eps) * w) (see dsv3_rmsnorm) */
+static void rmsnorm_row(int bf16, const void *x, const float *w, int64_t D, float eps, void *y) {
+    float ss = 0.0f;
+    for (int64_t d = 0; d < D; d++) ss += get(bf16, x, d) * get(bf16, x, d);
+    float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    for (int64_t d = 0; d < D; d++) put(bf16, y, d, get(bf16, x, d) * inv * w[d]);
+}
+
 /* Rotate interleaved pairs of n values: (x0 c - x1 s, x1 c + x0 s), with one position's rows of
  * the model's tables: cos (each pair's cos twice) and ssin ((-sin, +sin) per pair). */
 static void rope(const float *x, const float *cos, const float *ssin, int64_t n, float *out) {
@@ -445,11 +453,8 @@ int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, f
         for (int64_t t = 0; t < T; t++) { /* cache entries first: token t sees tokens t' < t */
             const char *src = (const char *)kva + (b * T + t) * CR * es;
             int64_t p = pos[b * T + t];
-            float ss = 0.0f;
-            for (int64_t c = 0; c < CR; c++) row[c] = get(bf16, src, c);
-            for (int64_t c = 0; c < C; c++) ss += row[c] * row[c];
-            float inv = 1.0f / sqrtf(ss / (float)C + eps);
-            for (int64_t c = 0; c < C; c++) put(bf16, cb + p * CR * es, c, row[c] * inv * normw[c]);
+            rmsnorm_row(bf16, src, normw, C, eps, cb + p * CR * es);
+            for (int64_t c = C; c < CR; c++) row[c] = get(bf16, src, c);
             float kr[R > 0 ? R : 1];
             rope(row + C, cos + (b * T + t) * R, ssin + (b * T + t) * R, R, kr);
             for (int64_t r = 0; r < R; r++) put(bf16, cb + p * CR * es, C + r, kr[r]);
@@ -510,21 +515,5 @@ int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, f
  * bfloat16 when bf16=1, else float32; x rows ld apart, y contiguous; w float32 [D]). */
 void dsv3_rmsnorm(int bf16, const void *x, int64_t ldx, const float *w, void *y, int64_t rows, int64_t D, float eps) {
     size_t es = bf16 ? 2 : 4;
-    for (int64_t r = 0; r < rows; r++) {
-        const char *xr = (const char *)x + r * ldx * es;
-        float ss = 0.0f;
-        for (int64_t d = 0; d < D; d++) {
-            float v = bf16 ? bf16_f32(((const uint16_t *)xr)[d]) : ((const float *)xr)[d];
-            ss += v * v;
-        }
-        float inv = 1.0f / sqrtf(ss / (float)D + eps);
-        for (int64_t d = 0; d < D; d++) {
-            float v = bf16 ? bf16_f32(((const uint16_t *)xr)[d]) : ((const float *)xr)[d];
-            float o = v * inv * w[d];
-            if (bf16)
-                ((uint16_t *)y)[r * D + d] = f32_bf16(o);
-            else
-                ((float *)y)[r * D + d] = o;
-        }
-    }
+    for (int64_t r = 0; r < rows; r++) rmsnorm_row(bf16, (const char *)x + r * ldx * es, w, D, eps, (char *)y + r * D * es);
 }

@@ -199,31 +199,44 @@ def test_moe_layer_c_path_matches_torch_path(dtype, monkeypatch):
         assert err <= tol * ref.abs().max().item(), f"seed {SEED + rank}, {dtype}, rank {rank}/{world}: max error {err:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [BF16, torch.float32])
-def test_attention_c_path_matches_torch_path(dtype, monkeypatch):
-    """Decode and MTP-verification-sized forwards (attention through dsv3_mla) against the same
-    model on the torch path, after a prefill, for two sequences at different positions."""
+def _decode_logits(cfg, dtype: torch.dtype, c_path: bool, monkeypatch) -> torch.Tensor:
+    """A prefill (the torch path either way), then forwards of 1, 3, 2, 1 tokens for two sequences
+    at different positions; the same weights (bfloat16 values) for every dtype -> their logits."""
     from dsv3cli.model import FEW_TOKENS, Transformer
 
+    model = Transformer(cfg, dtype=dtype, max_batch_size=2, max_seq_len=64)
+    for p in model.parameters():  # O(1) activations
+        g = torch.Generator().manual_seed(SEED)
+        v = 1 + 0.2 * torch.randn(p.shape, generator=g) if p.dim() == 1 else torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
+        p.copy_(v if p.dtype == torch.float32 and p.dim() == 1 else v.to(BF16))
+    with monkeypatch.context() as mp:
+        if not c_path:
+            mp.setenv("DSV3_CPU_KERNEL", "0")
+        model(torch.randint(0, cfg.vocab_size, (2, FEW_TOKENS + 5), generator=torch.Generator().manual_seed(SEED)),
+              torch.zeros(2, dtype=torch.long))
+        out, pos = [], torch.tensor([FEW_TOKENS + 5, FEW_TOKENS + 2])
+        for T in (1, 3, 2, 1):
+            toks = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(SEED + T))
+            out.append(model(toks, pos)[0])
+            pos = pos + T
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_attention_c_path_matches_torch_path(dtype, monkeypatch):
+    """Decode- and MTP-verification-sized forwards (attention through dsv3_mla, and the other
+    kernels) against the torch path. float32: equal to 1e-5. bfloat16: both compared with the
+    float32 model, the C path no further from it than the torch path (rounding differs, not math)."""
     cfg = load_preset("tiny").replace(hidden_size=72, kv_lora_rank=40, qk_nope_head_dim=24, qk_rope_head_dim=8,
                                       v_head_dim=20, q_lora_rank=56, num_attention_heads=3)
-    logits = {}
-    for c_path in (True, False):
-        model = Transformer(cfg, dtype=dtype, max_batch_size=2, max_seq_len=64)
-        for name, p in model.named_parameters():  # the same weights for both: O(1) activations
-            p.copy_((1 + 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(SEED))) if p.dim() == 1
-                    else torch.randn(p.shape, generator=torch.Generator().manual_seed(SEED)) / p.shape[-1] ** 0.5)
-        with monkeypatch.context() as mp:
-            if not c_path:
-                mp.setenv("DSV3_CPU_KERNEL", "0")
-            prompt = torch.randint(0, cfg.vocab_size, (2, FEW_TOKENS + 5), generator=torch.Generator().manual_seed(SEED))
-            model(prompt, torch.zeros(2, dtype=torch.long))  # prefill: the torch path either way
-            out, pos = [], torch.tensor([FEW_TOKENS + 5, FEW_TOKENS + 2])
-            for T in (1, 3, 2, 1):
-                toks = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(SEED + T))
-                out.append(model(toks, pos)[0])
-                pos = pos + T
-        logits[c_path] = torch.cat(out, 1)
-    tol = 3e-2 if dtype == BF16 else 1e-5
-    err = ((logits[True] - logits[False]).abs().max() / logits[False].abs().max()).item()
-    assert err <= tol, f"seed {SEED}, {dtype}: max relative error {err:.3g}"
+    c, ref = _decode_logits(cfg, dtype, True, monkeypatch), _decode_logits(cfg, dtype, False, monkeypatch)
+
+    def rel(a):
+        return ((a - exact).abs().max() / exact.abs().max()).item()
+
+    if dtype == torch.float32:
+        exact = ref
+        assert rel(c) <= 1e-5, f"seed {SEED}: max relative error {rel(c):.3g}"
+    else:
+        exact = _decode_logits(cfg, torch.float32, False, monkeypatch)
+        assert rel(c) <= 1.5 * rel(ref) + 2e-3, f"seed {SEED}: C path {rel(c):.3g} from float32, torch path {rel(ref):.3g}"
