@@ -1,7 +1,8 @@
 """Token-level generation: prefill, the decode loop, sampling, and MTP speculative decoding.
 
 Boundary: token ids in, token ids out. Works against the model's interface
-(`forward(tokens, start_pos) -> (logits, hidden)`, `mtp_forward(hidden, next_tokens, start_pos)`)
+(`forward(tokens, start_pos, logits_at=None) -> (logits, hidden)`, `mtp_forward(hidden, next_tokens,
+start_pos, logits_at=None)`)
 and a `Dist` (so every rank feeds the same tokens); knows nothing about text, files or the CLI.
 
 Cache bookkeeping (gpt-fast style, a static cache indexed by position): each sequence b has `pos[b]`,
@@ -104,16 +105,6 @@ def speculative_accept(
     out = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)  # [B,K+1]
     out[rows, n] = extra
     return n, out
-
-
-def greedy_accept(drafts: torch.Tensor, main_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy verification: drafts [B,K], main_logits [B,K+1,V] -> (n_accepted [B], tokens [B,K+1]).
-
-    The main model's argmax at every position is what plain greedy decoding would emit given the
-    accepted prefix, so the emitted tokens are argmax[:, :n+1]."""
-    top = main_logits.argmax(dim=-1)  # [B,K+1]
-    n = (drafts == top[:, :-1]).long().cumprod(-1).sum(-1)
-    return n, top
 
 
 # ---- stats -----------------------------------------------------------------------------------
@@ -287,8 +278,8 @@ def generate(
         return _sync(sample_from(p, g), dist), p
 
     t0 = time.perf_counter()
-    logits, hidden = model.forward(tokens, zeros)  # [B,T,V], [B,T,D]
-    first, _ = pick(logits[rows, last])  # [B]
+    logits, hidden = model.forward(tokens, zeros, logits_at=last)  # [B,V] at each prompt's end, [B,T,D]
+    first, _ = pick(logits)  # [B]
     first_l = first.tolist()
     t1 = time.perf_counter()
     st.prefill_s, st.ttft_s = t1 - t0, t1 - t0
@@ -314,7 +305,7 @@ def generate(
         emit(b, [first_l[b]])
     st.generated_tokens += B
 
-    cur = first.clone()  # [B] newest token, not yet in the main cache
+    cur = first  # [B] newest token, not yet in the main cache
     pos = list(lens)  # its position, per sequence
 
     def n_drafts() -> int:
@@ -330,33 +321,37 @@ def generate(
         # Finished rows compute garbage at positions 0.. of their own (unused) cache rows.
         return torch.tensor([0 if done[b] else pos[b] for b in range(B)], dtype=torch.long, device=device)
 
+    start = starts()  # [B] position of `cur`
     drafts = p_draft = None
     if mtp and not all(done):
         # MTP over the prompt: position p pairs h_p with t_{p+1}; the last one with the new token.
         nxt = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # [B,T]
         nxt[rows, last] = first
-        m_logits, m_hidden = model.mtp_forward(hidden, nxt, zeros)  # [B,T,V], [B,T,D]
-        drafts, p_draft = _draft(model, m_logits[rows, last], m_hidden[rows, last], starts(), n_drafts(), pick)
+        m_logits, m_hidden = model.mtp_forward(hidden, nxt, zeros, logits_at=last)  # [B,V], [B,T,D]
+        drafts, p_draft = _draft(model, m_logits, m_hidden, last, start, n_drafts(), pick)
 
     t2 = time.perf_counter()
     while not all(done):
         active = [b for b in range(B) if not done[b]]
-        start = starts()  # [B]
         k = 0 if drafts is None else drafts.shape[1]
         feed = cur.unsqueeze(1) if k == 0 else torch.cat([cur.unsqueeze(1), drafts], dim=1)  # [B,k+1]
         logits, hidden = model.forward(feed, start)  # [B,k+1,V], [B,k+1,D]
         st.main_forwards += 1
-        if k == 0:
-            nxt_tok, _ = pick(logits[:, 0])
-            n = torch.zeros(B, dtype=torch.long, device=device)
-            toks = nxt_tok.unsqueeze(1)  # [B,1]
-        elif sampling.greedy:
-            n, toks = greedy_accept(drafts, logits)
+        if sampling.greedy:
+            # The argmax at each scored position is what plain greedy decoding emits after the
+            # drafts before it, so drafts are accepted while they equal it.
+            toks = _sync(logits.argmax(-1), dist)  # [B,k+1]
+            toks_l = toks.tolist()
+            drafts_l = drafts.tolist() if k else [[]] * B
+            n_l = [_agreeing(drafts_l[b], toks_l[b]) for b in range(B)]
         else:
-            n, toks = speculative_accept(drafts, p_draft, probs_from_logits(logits, sampling), g)
-        n = _sync(n, dist)
-        toks = _sync(toks.contiguous(), dist)
-        n_l, toks_l = n.tolist(), toks.tolist()
+            if k == 0:
+                nxt_tok, _ = pick(logits[:, 0])
+                n, toks = torch.zeros(B, dtype=torch.long, device=device), nxt_tok.unsqueeze(1)  # [B], [B,1]
+            else:
+                n, toks = speculative_accept(drafts, p_draft, probs_from_logits(logits, sampling), g)
+            n, toks = _sync(n, dist), _sync(toks.contiguous(), dist)
+            n_l, toks_l = n.tolist(), toks.tolist()
         for b in active:
             st.row_steps += 1
             st.step_tokens += n_l[b] + 1
@@ -368,35 +363,48 @@ def generate(
             st.generated_tokens += len(out[b]) - before
             st.decode_tokens += len(out[b]) - before
             pos[b] += n_l[b] + 1
-        cur = toks[rows, n]
+        cur = torch.tensor([toks_l[b][n_l[b]] for b in range(B)], dtype=torch.long, device=device)
+        prev_start, start = start, starts()
         drafts = p_draft = None
         if mtp and not all(done):
             # Rewrite the MTP cache at pos..pos+n with the true (h_p, t_{p+1}) pairs; the output at
             # pos+n drafts the next step. Only the first m = max(n)+1 positions are computed (an MoE
             # forward costs more per extra token); a row with a smaller n writes garbage past its
             # pos+n, which the next step overwrites before anything reads it.
-            m = max(n_l[b] for b in range(B) if not done[b]) + 1
-            m_logits, m_hidden = model.mtp_forward(hidden[:, :m], toks[:, :m], start)  # [B,m,V], [B,m,D]
-            at = n.clamp(max=m - 1)  # finished rows may hold any n
-            drafts, p_draft = _draft(model, m_logits[rows, at], m_hidden[rows, at], starts(), n_drafts(), pick)
+            m = max(n_l[b] for b in active) + 1
+            if m < k + 1:
+                hidden, toks = hidden[:, :m], toks[:, :m]
+            at = torch.tensor([min(n_l[b], m - 1) for b in range(B)], device=device)  # finished rows may hold any n
+            m_logits, m_hidden = model.mtp_forward(hidden, toks, prev_start, logits_at=at)  # [B,V], [B,m,D]
+            drafts, p_draft = _draft(model, m_logits, m_hidden, at, start, n_drafts(), pick)
     st.decode_s = time.perf_counter() - t2
     return out, st
 
 
-def _draft(model, logits: torch.Tensor, hidden: torch.Tensor, pos: torch.Tensor, K: int, pick):
+def _agreeing(drafts: list[int], top: list[int]) -> int:
+    """How many drafts, from the first, equal the main model's argmax at their position."""
+    n = 0
+    while n < len(drafts) and drafts[n] == top[n]:
+        n += 1
+    return n
+
+
+def _draft(model, logits: torch.Tensor, hidden: torch.Tensor, at: torch.Tensor, pos: torch.Tensor, K: int, pick):
     """K draft tokens for positions pos+1..pos+K (pos [B]: the newest token's position).
 
-    logits [B,V] / hidden [B,D] are the MTP output at position pos-1 (it predicts t_{pos+1});
-    draft j > 1 applies the module again at position pos+j-2 to its own hidden and draft.
-    Returns (drafts [B,K], their distributions [B,K,V] or None when greedy), or (None, None) for K=0.
+    logits [B,V] are the MTP output at position pos-1 (it predicts t_{pos+1}), which is row at[b]
+    of the module's hidden [B,T,D]; draft j > 1 applies the module again at position pos+j-2 to
+    its own hidden and draft. Returns (drafts [B,K], their distributions [B,K,V] or None when
+    greedy), or (None, None) for K=0.
     """
     if K == 0:
         return None, None
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), at] if K > 1 else None  # [B,D]
     toks, probs = [], []
     for j in range(K):
         if j:
-            m_logits, m_hidden = model.mtp_forward(hidden.unsqueeze(1), toks[-1].unsqueeze(1), pos + j - 1)
-            logits, hidden = m_logits[:, 0], m_hidden[:, 0]
+            m_logits, m_hidden = model.mtp_forward(h.unsqueeze(1), toks[-1].unsqueeze(1), pos + j - 1)  # [B,1,V], [B,1,D]
+            logits, h = m_logits[:, 0], m_hidden[:, 0]
         t, p = pick(logits)
         toks.append(t)
         probs.append(p)

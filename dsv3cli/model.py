@@ -22,8 +22,9 @@ on all its tokens); parallel.linear does the same for products of few rows.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -50,15 +51,36 @@ from .parallel import (
 FEW_TOKENS = 8
 
 
-class Positions(NamedTuple):
-    """What every layer of one forward needs about where its tokens sit, computed once."""
+class Positions:
+    """Where one forward's tokens sit, computed once and shared by every layer (and by the MTP
+    module's forward over the same tokens). The C attention kernel reads only `pos`; the torch
+    path's tensors are made on first use, so a decode step does not pay for them."""
 
-    pos: torch.Tensor  # [B,T] cache position of each token
-    cos: torch.Tensor  # [B,T,1,R] rope tables at those positions (see rope_tables)
-    sin: torch.Tensor
-    slots: torch.Tensor  # [B*T] row b's position p as an index into the flattened cache: b * max_seq_len + p
-    S: int  # cache length read: max position + 1
-    hide: torch.Tensor | None  # [B,T,S] True where a cached position is not visible; None: all are
+    def __init__(self, pos: torch.Tensor, S: int, all_visible: bool, cos_table: torch.Tensor, sin_table: torch.Tensor, max_seq_len: int):
+        self.pos = pos  # [B,T] cache position of each token
+        self.S = S  # cache length read: max position + 1
+        self.all_visible = all_visible  # one new token per sequence, all at the same position
+        self.cos_table, self.sin_table = cos_table, sin_table  # [maxS,R] (see rope_tables)
+        self.max_seq_len = max_seq_len
+
+    @functools.cached_property
+    def cos(self) -> torch.Tensor:  # [B,T,1,R] the rope table at each token's position
+        return self.cos_table[self.pos].unsqueeze(2)
+
+    @functools.cached_property
+    def sin(self) -> torch.Tensor:
+        return self.sin_table[self.pos].unsqueeze(2)
+
+    @functools.cached_property
+    def slots(self) -> torch.Tensor:  # [B*T] row b's position p as an index into the flattened cache
+        B = self.pos.shape[0]
+        return (self.pos + torch.arange(B, device=self.pos.device).unsqueeze(1) * self.max_seq_len).flatten()
+
+    @functools.cached_property
+    def hide(self) -> torch.Tensor | None:  # [B,T,S] True where a cached position is not visible; None: all are
+        if self.all_visible:
+            return None
+        return torch.arange(self.S, device=self.pos.device) > self.pos.unsqueeze(-1)
 
 
 RouteObserver = Callable[[int, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], None]
@@ -152,7 +174,6 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, at: "Positions") -> torch.Tensor:
         B, T, _ = x.shape
-        pos, cos, sin, slots, S, hide = at
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
@@ -164,10 +185,11 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B,T,H,nope], [B,T,H,R]
         latent, k_pe = kva.split([self.c, self.rope], dim=-1)  # [B,T,C], [B,T,R]
         # One rotation for the query heads and the shared key: [B,T,H+1,R]
-        q_pe, k_pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos, sin).split([self.h, 1], dim=2)
+        q_pe, k_pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), at.cos, at.sin).split([self.h, 1], dim=2)
         k_pe = k_pe.squeeze(2)
         new = torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1)  # [B,T,C+R]
-        self.kv_cache.view(-1, new.shape[-1]).index_copy_(0, slots, new.view(-1, new.shape[-1]))
+        self.kv_cache.view(-1, new.shape[-1]).index_copy_(0, at.slots, new.view(-1, new.shape[-1]))
+        S, hide = at.S, at.hide
         cache = self.kv_cache[:B, :S]  # [B,S,C+R]
         kv = cache[..., : self.c]  # [B,S,C]
 
@@ -214,7 +236,7 @@ class MLA(nn.Module):
         out = q.new_empty(B, T, self.h, self.vdim)
         norm = self.kv_a_layernorm
         if kern.lib.dsv3_mla(int(q.dtype == torch.bfloat16), q.data_ptr(), kva.data_ptr(), norm.weight.data_ptr(), norm.eps,
-                             at.cos.data_ptr(), at.sin.data_ptr(), at.pos.data_ptr(), self.kv_cache.data_ptr(),
+                             at.cos_table.data_ptr(), at.sin_table.data_ptr(), at.pos.data_ptr(), self.kv_cache.data_ptr(),
                              self.kv_cache.shape[1], w.data_ptr(), self.scale, out.data_ptr(),
                              B, T, self.h, self.nope, self.rope, self.c, self.vdim):
             raise MemoryError("dsv3_mla: out of memory for its scratch buffers")
@@ -555,7 +577,7 @@ class Transformer(nn.Module):
         self.cfg, self.dist, self.dtype = cfg, dist, dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.scratch = Scratch()
-        self.route_observer: RouteObserver | None = None
+        self._observer: RouteObserver | None = None
         kw = dict(dtype=dtype, scratch=self.scratch, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         with torch.device(device):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dist, dtype=dtype)
@@ -567,6 +589,18 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(angles)  # [maxS,R] each
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def route_observer(self) -> RouteObserver | None:
+        return self._observer
+
+    @route_observer.setter
+    def route_observer(self, fn: RouteObserver | None) -> None:
+        """Set once here rather than on every forward: the main model's MoE layers (not the MTP module's)."""
+        self._observer = fn
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.observer = fn
 
     @property
     def has_mtp(self) -> bool:
@@ -588,59 +622,57 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if B > self.max_batch_size:
             raise DsvError(f"batch of {B} sequences exceeds max_batch_size {self.max_batch_size}")
-        pos = start_pos.to(tokens.device).view(B, 1) + torch.arange(T, device=tokens.device)  # [B,T]
-        hi, lo = (int(v) for v in torch.stack([pos.max(), pos.min()]).tolist())  # one sync
-        S = hi + 1
+        starts = start_pos.tolist()  # the one host sync of a forward
+        lo, S = min(starts), max(starts) + T
         if S > self.max_seq_len or lo < 0:
             raise DsvError(f"position {S - 1} is outside the cache (max_seq_len {self.max_seq_len})")
-        # One new token per sequence, all at the same position: every cached position is visible.
-        hide = None if T == 1 and hi == lo else torch.arange(S, device=tokens.device) > pos.unsqueeze(-1)  # [B,T,S]
-        slots = (pos + torch.arange(B, device=pos.device).unsqueeze(1) * self.max_seq_len).flatten()
-        return Positions(pos, self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2), slots, S, hide)
+        pos = start_pos.to(tokens.device).view(B, 1) + torch.arange(T, device=tokens.device)  # [B,T]
+        return Positions(pos, S, T == 1 and S - 1 == lo, self.rope_cos, self.rope_sin, self.max_seq_len)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor, valid: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor, valid: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None):
         """tokens [B,T], start_pos [B] -> (logits float32 [B,T,V], final-normed hidden [B,T,D]).
 
         Token t of sequence b sits at position start_pos[b]+t; its K/V latent is written there.
         `valid` [B,T] (optional) only tells `route_observer` which tokens are padding.
+        `logits_at` [B] (optional): the head runs only on token logits_at[b] of each sequence
+        (a prefill needs the last one) and the logits are [B,V].
         """
         with few_token_gemms(tokens, self.dtype):
-            return self._forward(tokens, start_pos, valid)
-
-    def _forward(self, tokens, start_pos, valid):
-        at = self._positions(tokens, start_pos)
-        flat_valid = valid.reshape(-1) if valid is not None else None
-        for layer in self.layers:
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.observer = self.route_observer
-        h = self.embed_tokens(tokens)  # [B,T,D]
-        for layer in self.layers:
-            h = layer(h, at, flat_valid)
-        h = self.norm(h)
-        return self.lm_head(h), h
+            at = self._positions(tokens, start_pos)
+            flat_valid = valid.reshape(-1) if valid is not None else None
+            h = self.embed_tokens(tokens)  # [B,T,D]
+            for layer in self.layers:
+                h = layer(h, at, flat_valid)
+            h = self.norm(h)
+            return self.lm_head(_rows_at(h, logits_at)), h
 
     @torch.no_grad()
-    def mtp_forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos: torch.Tensor):
+    def mtp_forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos: torch.Tensor,
+                    logits_at: torch.Tensor | None = None):
         """hidden [B,T,D] (h_p, final-normed), next_tokens [B,T] (t_{p+1}), start_pos [B]
-        -> (logits float32 [B,T,V] for t_{p+2}, the module's normed hidden [B,T,D]).
+        -> (logits float32 [B,T,V] for t_{p+2}, the module's normed hidden [B,T,D]);
+        `logits_at` as in `forward`.
 
         Uses the MTP layer's own cache at positions p = start_pos[b]+t. The returned hidden plays
         the role of h for the next draft step.
         """
-        if self.mtp is None:
+        m = self.mtp
+        if m is None:
             raise DsvError("this checkpoint has no MTP layer (num_nextn_predict_layers is 0 or its tensors are absent)")
         with few_token_gemms(next_tokens, self.dtype):
-            return self._mtp_forward(hidden, next_tokens, start_pos)
+            at = self._positions(next_tokens, start_pos)
+            e = (m.embed_tokens or self.embed_tokens)(next_tokens)  # [B,T,D]
+            x = m.eh_proj(torch.cat([m.enorm(e), m.hnorm(hidden.to(self.dtype))], dim=-1))  # [B,T,2D] -> [B,T,D]
+            x = Block.forward(m, x, at)
+            h = m.shared_head.norm(x)
+            return (m.shared_head.head or self.lm_head)(_rows_at(h, logits_at)), h
 
-    def _mtp_forward(self, hidden, next_tokens, start_pos):
-        m = self.mtp
-        at = self._positions(next_tokens, start_pos)
-        e = (m.embed_tokens or self.embed_tokens)(next_tokens)  # [B,T,D]
-        x = m.eh_proj(torch.cat([m.enorm(e), m.hnorm(hidden.to(self.dtype))], dim=-1))  # [B,T,2D] -> [B,T,D]
-        x = Block.forward(m, x, at)
-        h = m.shared_head.norm(x)
-        return (m.shared_head.head or self.lm_head)(h), h
+
+def _rows_at(h: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+    """h [B,T,D] -> h[b, at[b]] [B,D], or h itself when `at` is None."""
+    return h if at is None else h[torch.arange(h.shape[0], device=h.device), at.to(h.device)]
 
 
 def check_divisible(cfg: ModelConfig, dist: Dist) -> None:

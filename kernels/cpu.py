@@ -36,7 +36,7 @@ from typing import Callable
 
 SOURCES = ("cpu_fp8.c", "cpu_gemm.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
-ABI = 2  # must equal dsv3_cpu_abi() in cpu_fp8.c
+ABI = 3  # must equal dsv3_cpu_abi() in cpu_fp8.c
 # Elements per job: large enough that the per-call cost (a few microseconds) is noise, small
 # enough that threads pulling jobs end together.
 CHUNK = 1 << 20

@@ -420,7 +420,7 @@ static void rope(const float *x, const float *cos, const float *ssin, int64_t n,
  * MLA.forward's torch path (each intermediate rounded to the compute dtype where that path
  * rounds it: q, probabilities, the latent mix), through the same small products.
  *   q [B,T,H,nope+R], kva [B,T,C+R] (kv_a_proj's output), normw float32 [C], cos/ssin float32
- *   [B,T,R] (the tables at the tokens' positions), pos int64 [B,T], cache [maxB,maxS,C+R], wkv [H,nope+vdim,C] (kv_b_proj), out
+ *   [maxS,R] (the model's whole tables, read at the tokens' positions), pos int64 [B,T], cache [maxB,maxS,C+R], wkv [H,nope+vdim,C] (kv_b_proj), out
  *   [B,T,H,vdim]; tensors bfloat16 (bf16=1) or float32, all contiguous.
  * Returns 0, or -1 when scratch memory cannot be had (nothing is written then). */
 int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, float eps, const float *cos,
@@ -444,7 +444,7 @@ int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, f
             rmsnorm_row(bf16, src, normw, C, eps, cb + p * CR * es);
             for (int64_t c = C; c < CR; c++) row[c] = get(bf16, src, c);
             float kr[R > 0 ? R : 1];
-            rope(row + C, cos + (b * T + t) * R, ssin + (b * T + t) * R, R, kr);
+            rope(row + C, cos + p * R, ssin + p * R, R, kr);
             for (int64_t r = 0; r < R; r++) put(bf16, cb + p * CR * es, C + r, kr[r]);
         }
         /* q_cat rows (h, t): [q_nope . Wk[h] | rope(q_pe)] * scale */
@@ -453,8 +453,9 @@ int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, f
                 const char *qs = (const char *)q + ((b * T + t) * H + h) * QK * es;
                 for (int64_t d = 0; d < nope; d++) qn[(h * T + t) * nope + d] = get(bf16, qs, d);
                 float qp[R > 0 ? R : 1], qr[R > 0 ? R : 1];
+                int64_t p = pos[b * T + t];
                 for (int64_t r = 0; r < R; r++) qp[r] = get(bf16, qs, nope + r);
-                rope(qp, cos + (b * T + t) * R, ssin + (b * T + t) * R, R, qr);
+                rope(qp, cos + p * R, ssin + p * R, R, qr);
                 for (int64_t r = 0; r < R; r++) put(bf16, qcat + (h * T + t) * CR * es, C + r, rnd(bf16, qr[r]) * scale);
             }
         for (int64_t h = 0; h < H; h++) {
