@@ -42,7 +42,7 @@ from .parallel import (
     Scratch,
     VocabParallelEmbedding,
     cpu_kernels,
-    few_token_gemms,
+    forward_scope,
     matmul_into,
     split_range,
 )
@@ -93,13 +93,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kern = cpu_kernels(x)
+        kern, w = cpu_kernels(x), self.weight
         if kern is None or x.stride(-1) != 1:
-            return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
+            return F.rms_norm(x.float(), w.shape, w, self.eps).to(x.dtype)
         D = x.shape[-1]
         x2 = x.reshape(-1, D)  # a view unless x's rows are unevenly spaced
         y = torch.empty(x.shape, dtype=x.dtype)
-        kern.lib.dsv3_rmsnorm(int(x.dtype == torch.bfloat16), x2.data_ptr(), x2.stride(0), self.weight.data_ptr(), y.data_ptr(),
+        kern.lib.dsv3_rmsnorm(int(x.dtype == torch.bfloat16), x2.data_ptr(), x2.stride(0), w.data_ptr(), y.data_ptr(),
                               x2.shape[0], D, self.eps)
         return y
 
@@ -158,7 +158,8 @@ class MLA(nn.Module):
         self.score_budget = 1 << 26  # attention scores held at once (elements): 256 MB in float32
         kw = dict(dtype=dtype, fp8=cfg.is_fp8, scratch=scratch, scale_fmt=cfg.scale_fmt)
         qk = self.nope + self.rope
-        if cfg.q_lora_rank:
+        self.q_lora = bool(cfg.q_lora_rank)  # a plain flag: hasattr on a module raises inside when absent
+        if self.q_lora:
             self.q_a_proj = Linear(D, cfg.q_lora_rank, **kw)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
             self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, nh * qk, dist, **kw)
@@ -174,10 +175,10 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, at: "Positions") -> torch.Tensor:
         B, T, _ = x.shape
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
+        if self.q_lora:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
         q = q.view(B, T, self.h, self.nope + self.rope)
         kva = self.kv_a_proj_with_mqa(x)  # [B,T,C+R]
         if (kern := self.c_kernels(q, kva)) is not None:
@@ -639,7 +640,7 @@ class Transformer(nn.Module):
         `logits_at` [B] (optional): the head runs only on token logits_at[b] of each sequence
         (a prefill needs the last one) and the logits are [B,V].
         """
-        with few_token_gemms(tokens, self.dtype):
+        with forward_scope(tokens, self.dtype):
             at = self._positions(tokens, start_pos)
             flat_valid = valid.reshape(-1) if valid is not None else None
             h = self.embed_tokens(tokens)  # [B,T,D]
@@ -661,7 +662,7 @@ class Transformer(nn.Module):
         m = self.mtp
         if m is None:
             raise DsvError("this checkpoint has no MTP layer (num_nextn_predict_layers is 0 or its tensors are absent)")
-        with few_token_gemms(next_tokens, self.dtype):
+        with forward_scope(next_tokens, self.dtype):
             at = self._positions(next_tokens, start_pos)
             e = (m.embed_tokens or self.embed_tokens)(next_tokens)  # [B,T,D]
             x = m.eh_proj(torch.cat([m.enorm(e), m.hnorm(hidden.to(self.dtype))], dim=-1))  # [B,T,2D] -> [B,T,D]

@@ -20,6 +20,7 @@ the waste is under one block per side.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import os
 import re
@@ -76,19 +77,37 @@ def onednn(enabled: bool) -> Iterator[None]:
 
 
 def few_token_gemms(x: torch.Tensor, dtype: torch.dtype):
-    """The context for a forward of `x` ([B,T] token ids): oneDNN off for bfloat16 on the CPU when
-    there are only a few tokens (decode, MTP drafts and verification), where its set-up, ~15 us a
-    call on one core, costs more than the small products themselves (measured at decode sizes:
-    a 64x96 linear 3.6 vs 15.8 us, the attention's score product 14 vs 30 us). `linear` turns it
-    back on for the few large products."""
+    """oneDNN off for bfloat16 on the CPU when a forward of `x` ([B,T] token ids) has only a few
+    tokens (decode, MTP drafts and verification), where its set-up, ~15 us a call on one core,
+    costs more than the small products themselves (measured at decode sizes: a 64x96 linear 3.6
+    vs 15.8 us, the attention's score product 14 vs 30 us). `linear` turns it back on for the few
+    large products."""
     return onednn(False) if dtype == torch.bfloat16 and not x.is_cuda and x.numel() <= 4 else contextlib.nullcontext()
+
+
+# The C kernels as resolved at the start of the model forward in progress (a 1-tuple; unset
+# outside one): a decode step asks ~200 times, and each `load()` reads the environment.
+_FORWARD_KERNELS: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("dsv3_forward_kernels", default=None)
+
+
+@contextmanager
+def forward_scope(x: torch.Tensor, dtype: torch.dtype) -> Iterator[None]:
+    """The context of one model forward of `x` ([B,T] token ids): `few_token_gemms`, and the C
+    kernels resolved once for all the layers."""
+    token = _FORWARD_KERNELS.set((load_c_kernels(),))
+    try:
+        with few_token_gemms(x, dtype):
+            yield
+    finally:
+        _FORWARD_KERNELS.reset(token)
 
 
 def cpu_kernels(x: torch.Tensor):
     """The C kernels for inference on `x` (bfloat16 or float32, on the CPU, no autograd), or None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or torch.is_grad_enabled():
+    if not x.is_cpu or x.dtype not in (torch.bfloat16, torch.float32) or torch.is_grad_enabled():
         return None
-    return load_c_kernels()
+    resolved = _FORWARD_KERNELS.get()
+    return load_c_kernels() if resolved is None else resolved[0]
 
 
 def small_gemm_kernels(x: torch.Tensor, rows: int):
@@ -312,8 +331,9 @@ class Linear(nn.Module):
         return w[self.row_off : self.row_off + self.out_features, self.col_off : self.col_off + self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_fp8:
-            return linear(x, self.weight)
+        w = self.weight
+        if w.dtype != torch.float8_e4m3fn:
+            return linear(x, w)
         whole = self.row_off == self.col_off == 0 and tuple(self.weight.shape) == (self.out_features, self.in_features)
         if x.is_cuda and whole:
             return fp8_linear_kernel(x, self.weight, self.weight_scale_inv, self.scale_fmt)
