@@ -326,6 +326,29 @@ def test_mtp_module_matches_transformers_layer(mtp_setup):
     assert rel_err(logits2, ref2[:, 1:]) <= TOL
 
 
+def test_logits_at_gives_the_full_logits_at_those_rows(mtp_setup):
+    """`logits_at` (the prefill's last token, the MTP draft row) runs the head on one row per
+    sequence: the full logits' numbers there. Bit for bit through the bfloat16 C products (rows
+    independent by construction); float32 goes through torch's, whose blocking depends on the
+    number of rows."""
+    big, _, folder = mtp_setup
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(folder, Dist(), dtype=dtype, max_batch_size=3, max_seq_len=64)
+        ids = torch.randint(0, big.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(4))
+        start = torch.tensor([0, 5, 2])
+        at = torch.tensor([8, 0, 3])
+        rows = torch.arange(3)
+        full, hidden = model(ids, start)  # [3,9,V], [3,9,D]
+        part, hidden2 = model(ids, start, logits_at=at)  # [3,V]
+        assert part.shape == (3, big.config.vocab_size) and torch.equal(hidden2, hidden)
+        same = torch.equal if dtype == torch.bfloat16 else (lambda a, b: rel_err(a, b) <= 1e-6)
+        assert same(part, full[rows, at])
+        for T in (9, 2):  # a prompt-sized MTP pass and a verification-sized one (the C kernels in bfloat16)
+            m_full, m_h = model.mtp_forward(hidden[:, :T], ids[:, :T], start)
+            m_part, m_h2 = model.mtp_forward(hidden[:, :T], ids[:, :T], start, logits_at=at.clamp(max=T - 1))
+            assert same(m_part, m_full[rows, at.clamp(max=T - 1)]) and torch.equal(m_h2, m_h)
+
+
 def test_fp8_kernel_linear_computes_the_block_scaled_product():
     """The CUDA path of an FP8 Linear (act-quant + Triton GEMM), run in the Triton interpreter:
     equal to the float64 product of the quantized activations and the dequantized weight."""
