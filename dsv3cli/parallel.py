@@ -334,9 +334,9 @@ class Linear(nn.Module):
         w = self.weight
         if w.dtype != torch.float8_e4m3fn:
             return linear(x, w)
-        whole = self.row_off == self.col_off == 0 and tuple(self.weight.shape) == (self.out_features, self.in_features)
+        whole = self.row_off == self.col_off == 0 and tuple(w.shape) == (self.out_features, self.in_features)
         if x.is_cuda and whole:
-            return fp8_linear_kernel(x, self.weight, self.weight_scale_inv, self.scale_fmt)
+            return fp8_linear_kernel(x, w, self.weight_scale_inv, self.scale_fmt)
         # CPU (and block-padded tensor-parallel parts): one weight at a time through scratch
         return linear(x, self.dense_weight(x.dtype))
 

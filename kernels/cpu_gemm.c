@@ -420,8 +420,9 @@ static void rope(const float *x, const float *cos, const float *ssin, int64_t n,
  * MLA.forward's torch path (each intermediate rounded to the compute dtype where that path
  * rounds it: q, probabilities, the latent mix), through the same small products.
  *   q [B,T,H,nope+R], kva [B,T,C+R] (kv_a_proj's output), normw float32 [C], cos/ssin float32
- *   [maxS,R] (the model's whole tables, read at the tokens' positions), pos int64 [B,T], cache [maxB,maxS,C+R], wkv [H,nope+vdim,C] (kv_b_proj), out
- *   [B,T,H,vdim]; tensors bfloat16 (bf16=1) or float32, all contiguous.
+ *   [maxS,R] (the model's whole tables, read at the tokens' positions), pos int64 [B,T], cache
+ *   [maxB,maxS,C+R], wkv [H,nope+vdim,C] (kv_b_proj), out [B,T,H,vdim]; tensors bfloat16
+ *   (bf16=1) or float32, all contiguous.
  * Returns 0, or -1 when scratch memory cannot be had (nothing is written then). */
 int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, float eps, const float *cos,
                  const float *ssin, const int64_t *pos, void *cache, int64_t maxS, const void *wkv, float scale, void *out,
