@@ -65,11 +65,6 @@ def shard_file_name(i: int, n: int) -> str:
     return f"model-{i:05d}-of-{n:05d}.safetensors"
 
 
-def layer_of(name: str) -> int | None:
-    m = re.match(r"^model\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
 # ---- the HF name table ------------------------------------------------------------------------
 
 def _layer_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
