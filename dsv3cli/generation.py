@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import UsageError
+from .model import rows_at
 from .parallel import Dist
 
 
@@ -399,7 +400,7 @@ def _draft(model, logits: torch.Tensor, hidden: torch.Tensor, at: torch.Tensor, 
     """
     if K == 0:
         return None, None
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), at] if K > 1 else None  # [B,D]
+    h = rows_at(hidden, at) if K > 1 else None  # [B,D]
     toks, probs = [], []
     for j in range(K):
         if j:

@@ -647,7 +647,7 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 h = layer(h, at, flat_valid)
             h = self.norm(h)
-            return self.lm_head(_rows_at(h, logits_at)), h
+            return self.lm_head(rows_at(h, logits_at)), h
 
     @torch.no_grad()
     def mtp_forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos: torch.Tensor,
@@ -668,10 +668,10 @@ class Transformer(nn.Module):
             x = m.eh_proj(torch.cat([m.enorm(e), m.hnorm(hidden.to(self.dtype))], dim=-1))  # [B,T,2D] -> [B,T,D]
             x = Block.forward(m, x, at)
             h = m.shared_head.norm(x)
-            return (m.shared_head.head or self.lm_head)(_rows_at(h, logits_at)), h
+            return (m.shared_head.head or self.lm_head)(rows_at(h, logits_at)), h
 
 
-def _rows_at(h: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+def rows_at(h: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
     """h [B,T,D] -> h[b, at[b]] [B,D], or h itself when `at` is None."""
     return h if at is None else h[torch.arange(h.shape[0], device=h.device), at.to(h.device)]
 
