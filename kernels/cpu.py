@@ -36,7 +36,7 @@ from typing import Callable
 
 SOURCES = ("cpu_fp8.c", "cpu_gemm.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
-ABI = 3  # must equal dsv3_cpu_abi() in cpu_fp8.c
+ABI = 4  # must equal dsv3_cpu_abi() in cpu_fp8.c
 # Elements per job: large enough that the per-call cost (a few microseconds) is noise, small
 # enough that threads pulling jobs end together.
 CHUNK = 1 << 20
@@ -62,6 +62,8 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_mla": (_i64, (ctypes.c_int, _p, _p, _p, ctypes.c_float, _p, _p, _p, _p, _i64, _p, ctypes.c_float, _p) + (_i64,) * 7),
     # bf16, x, ldx, w, y, rows, D, eps
     "dsv3_rmsnorm": (None, (ctypes.c_int, _p, _i64, _p, _p, _i64, _i64, ctypes.c_float)),
+    # x, y, n (float32): the vectorised e^x the softmax, SwiGLU and router use, for its tests
+    "dsv3_exp": (None, (_p, _p, _i64)),
 }
 
 

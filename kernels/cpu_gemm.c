@@ -32,6 +32,7 @@
 typedef float v16f __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 #if defined(__GNUC__) && !defined(__clang__)
 /* a*b+c as one fused operation everywhere in this file, vector and scalar code alike */
@@ -88,36 +89,95 @@ static inline float hsum(v16f v) {
     return s;
 }
 
+/* The hsum of 16 vectors at once, lane i of the result = hsum(v[i]) bit for bit: the same tree,
+ * each level adding the same pairs, but four vector additions (after two-source shuffles that
+ * line the pairs up) per level instead of sixteen extract-and-add chains. Level 1 puts the 8
+ * partial sums a[] of v[2j] and v[2j+1] side by side in u[j], level 2 the 4 b[] of four
+ * vectors, and so on: at the end, lane i belongs to v[i]. */
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+static inline v16f hsum16(const v16f *v) {
+    v16f u[8], w[4], x[2];
+    for (int j = 0; j < 8; j++)
+        u[j] = SHUF(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               SHUF(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int j = 0; j < 4; j++)
+        w[j] = SHUF(u[2 * j], u[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               SHUF(u[2 * j], u[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int j = 0; j < 2; j++)
+        x[j] = SHUF(w[2 * j], w[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               SHUF(w[2 * j], w[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return SHUF(x[0], x[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           SHUF(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* lanes of a where m is set (all ones), else of b (m from a vector comparison) */
+static inline v16f sel(v16i m, v16f a, v16f b) {
+    v16i ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    ai = (ai & m) | (bi & ~m);
+    memcpy(&a, &ai, sizeof a);
+    return a;
+}
+
+/* e^x in 16 lanes, within 1 ulp of exp: x = n ln2 + r (|r| <= ln2/2, ln2 in two parts), e^r by
+ * Cephes' degree-7 polynomial, 2^n added to the exponent bits; 0 below -87.34 (where e^x leaves
+ * the normal floats), +inf above 88.72. Vectorised because the softmax over the cache and the
+ * SwiGLU activations were the part of a few-token forward that grows with the tokens (a scalar
+ * expf costs ~20 cycles). */
+static inline v16f vexp(v16f x) {
+    const v16f lo = (v16f){0} - 87.3365448f, hi = (v16f){0} + 88.7228391f;
+    v16f xc = sel(x < lo, lo, sel(x > hi, hi, x));
+    v16f n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+    v16f r = xc - n * 0.693359375f - n * -2.12194440e-4f;
+    v16f p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+              1.6666665459e-1f) * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    /* 2^n in two halves, so that n = 128 (x near the top of the range) does not overflow the
+     * exponent field */
+    v16i e = __builtin_convertvector(n, v16i);
+    v16i h = (e >> 1) + 127, l = e - (e >> 1) + 127;
+    v16f sh, sl;
+    h <<= 23, l <<= 23;
+    memcpy(&sh, &h, sizeof sh);
+    memcpy(&sl, &l, sizeof sl);
+    v16f y = p * sh * sl;
+    return sel(x < lo, (v16f){0}, sel(x > hi, (v16f){0} + __builtin_inff(), y));
+}
+
+/* the first n <= 16 floats at p as a vector (zeros after) / stored back */
+static inline v16f ld_part(const float *p, int64_t n) {
+    v16f v = {0};
+    memcpy(&v, p, (size_t)n * sizeof(float));
+    return v;
+}
+static inline void st_part(float *p, v16f v, int64_t n) { memcpy(p, &v, (size_t)n * sizeof(float)); }
+
 /* ---- nt: y = x . w^T, one row of w against MB rows of x at a time -------------------------------- */
 
-/* y[i] = dot(x[i], w) for i < MB (a constant after inlining): each w load serves MB rows. The
- * weight is read row after row, in memory order: a single sequential stream from DRAM runs at
- * twice the speed of four interleaved short ones (measured: 17 vs 7 GB/s on one core). Every
- * accumulator sees the same operations whatever MB is. */
-#define DEFINE_DOTS(SUF, T, LD, TO_F32)                                                                          \
-    static inline __attribute__((always_inline)) void dots_##SUF(const T *x, int64_t ldx, const T *w, int64_t K,     \
-                                                                 float *y, int64_t ldy, const int MB) {            \
-        v16f acc[4];                                                                                             \
-        memset(acc, 0, sizeof acc);                                                                              \
+/* acc[i * as] = the 16 lane sums of dot(x[i], w) for i < MB (a constant after inlining), each w
+ * load serving MB rows; returns where the k tail (summed in order after the lanes, see tail())
+ * starts. The weight is read row after row, in memory order: a single sequential stream from
+ * DRAM runs at twice the speed of four interleaved short ones (measured: 17 vs 7 GB/s on one
+ * core). Every accumulator sees the same operations whatever MB is. */
+#define DEFINE_DOTS(SUF, T, LD)                                                                                  \
+    static inline __attribute__((always_inline)) int64_t dots_##SUF(const T *x, int64_t ldx, const T *w, int64_t K, \
+                                                                    v16f *acc, int64_t as, const int MB) {         \
+        for (int i = 0; i < MB; i++) acc[i * as] = (v16f){0};                                                    \
         int64_t k = 0;                                                                                           \
         for (; k + VL <= K; k += VL) {                                                                           \
             v16f wv = LD(w + k);                                                                                 \
-            for (int i = 0; i < MB; i++) acc[i] += LD(x + i * ldx + k) * wv;                                     \
+            for (int i = 0; i < MB; i++) acc[i * as] += LD(x + i * ldx + k) * wv;                                \
         }                                                                                                        \
-        for (int i = 0; i < MB; i++) {                                                                           \
-            float s = hsum(acc[i]);                                                                              \
-            for (int64_t t = k; t < K; t++) s += TO_F32(x[i * ldx + t]) * TO_F32(w[t]);                          \
-            y[i * ldy] = s;                                                                                      \
-        }                                                                                                        \
+        return k;                                                                                                \
     }
-static inline float id_f32(float v) { return v; }
-DEFINE_DOTS(f32, float, ld_f32, id_f32)
+DEFINE_DOTS(f32, float, ld_f32)
 
 #ifdef __AVX512BF16__
 /* bfloat16 pairs straight into float32 lanes (vdpbf16ps): no conversion of x or w; the k tail is
- * a masked load, zeros adding nothing */
-static inline __attribute__((always_inline)) void dots_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w,
-                                                            int64_t K, float *y, int64_t ldy, const int MB) {
+ * a masked load, zeros adding nothing, so there is no scalar tail */
+static inline __attribute__((always_inline)) int64_t dots_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w,
+                                                               int64_t K, v16f *out, int64_t as, const int MB) {
     __m512 acc[4], acc2[4]; /* two chains per row (even and odd 32-wide chunks of k), for MB=1's sake */
     for (int i = 0; i < MB; i++) acc[i] = acc2[i] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -139,21 +199,46 @@ static inline __attribute__((always_inline)) void dots_bf16(const uint16_t *x, i
         for (int i = 0; i < MB; i++)
             acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(tail, x + i * ldx + k), wv);
     }
-    for (int i = 0; i < MB; i++) {
-        v16f a;
-        memcpy(&a, &acc[i], sizeof a);
-        y[i * ldy] = hsum(a);
-    }
+    for (int i = 0; i < MB; i++) memcpy(&out[i * as], &acc[i], sizeof(v16f));
+    return K;
 }
 #else
-DEFINE_DOTS(bf16, uint16_t, ld_bf16, bf16_f32)
+DEFINE_DOTS(bf16, uint16_t, ld_bf16)
 #endif
 
+/* s plus the products of the k tail [k, K) of one x row and one w row, in order */
+#define DEFINE_TAIL(SUF, T, TO_F32)                                                                              \
+    static inline float tail_##SUF(float s, const T *x, const T *w, int64_t k, int64_t K) {                      \
+        for (; k < K; k++) s += TO_F32(x[k]) * TO_F32(w[k]);                                                     \
+        return s;                                                                                                \
+    }
+static inline float id_f32(float v) { return v; }
+DEFINE_TAIL(f32, float, id_f32)
+DEFINE_TAIL(bf16, uint16_t, bf16_f32)
+
 /* y [M,N] (float32, row stride ldy) = x [M,K] (row stride ldx) . w[N,K]^T, x and w of one type;
- * rows of x in blocks of 4, 2, 1 */
+ * rows of x in blocks of 4, 2, 1, outputs in blocks of 16 (their lane sums reduced together by
+ * hsum16), then one by one */
 #define NT_ROWS(SUF, MB)                                                                                         \
-    for (; m + MB <= M; m += MB)                                                                                 \
-        for (int64_t n = 0; n < N; n++) dots_##SUF(x + m * ldx, ldx, w + n * ldw, K, y + m * ldy + n, ldy, MB);
+    for (; m + MB <= M; m += MB) {                                                                               \
+        const __typeof__(*x) *xm = x + m * ldx;                                                                  \
+        int64_t n = 0;                                                                                           \
+        for (; n + VL <= N; n += VL) {                                                                           \
+            v16f acc[MB * VL];                                                                                   \
+            int64_t k = 0;                                                                                       \
+            for (int j = 0; j < VL; j++) k = dots_##SUF(xm, ldx, w + (n + j) * ldw, K, acc + j, VL, MB);         \
+            for (int i = 0; i < MB; i++) {                                                                       \
+                v16f s = hsum16(acc + i * VL);                                                                   \
+                for (int j = 0; j < VL; j++)                                                                     \
+                    y[(m + i) * ldy + n + j] = k < K ? tail_##SUF(s[j], xm + i * ldx, w + (n + j) * ldw, k, K) : s[j]; \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (; n < N; n++) {                                                                                     \
+            v16f acc[MB];                                                                                        \
+            int64_t k = dots_##SUF(xm, ldx, w + n * ldw, K, acc, 1, MB);                                         \
+            for (int i = 0; i < MB; i++) y[(m + i) * ldy + n] = tail_##SUF(hsum(acc[i]), xm + i * ldx, w + n * ldw, k, K); \
+        }                                                                                                        \
+    }
 #define DEFINE_NT(SUF, T)                                                                                       \
     static void nt_##SUF(const T *x, int64_t ldx, const T *w, int64_t ldw, float *y, int64_t ldy, int64_t M,    \
                          int64_t N, int64_t K) {                                                                 \
@@ -249,7 +334,8 @@ int64_t dsv3_gemm(int bf16, int nn, const void *x, const void *w, void *y, int64
     return 0;
 }
 
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+/* silu(g) * u = g / (1 + e^-g) * u, lane by lane */
+static inline v16f swiglu(v16f g, v16f u) { return g / (1.0f + vexp(-g)) * u; }
 
 /* out [r,D] (float32) = down(silu(gate xs) * up xs) for r gathered rows xs [r,D]; gate and up
  * [I,D] (gate and up rows), down [D,I]; scratch gu [ROWS,2I], act [ROWS,I] floats. */
@@ -260,13 +346,20 @@ static void swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const vo
         nt_bf16(xs, D, wg, D, gu, 2 * I, r, I, D);
         nt_bf16(xs, D, wu, D, gu + I, 2 * I, r, I, D);
         for (int64_t j = 0; j < r; j++)
-            for (int64_t i = 0; i < I; i++) act16[j * I + i] = f32_bf16(silu(gu[j * 2 * I + i]) * gu[j * 2 * I + I + i]);
+            for (int64_t i = 0; i < I; i += VL) {
+                int64_t c = I - i < VL ? I - i : VL;
+                v16f a = swiglu(ld_part(gu + j * 2 * I + i, c), ld_part(gu + j * 2 * I + I + i, c));
+                for (int64_t l = 0; l < c; l++) act16[j * I + i + l] = f32_bf16(a[l]);
+            }
         nt_bf16(act16, I, wd, I, out, D, r, D, I);
     } else {
         nt_f32(xs, D, wg, D, gu, 2 * I, r, I, D);
         nt_f32(xs, D, wu, D, gu + I, 2 * I, r, I, D);
         for (int64_t j = 0; j < r; j++)
-            for (int64_t i = 0; i < I; i++) act[j * I + i] = silu(gu[j * 2 * I + i]) * gu[j * 2 * I + I + i];
+            for (int64_t i = 0; i < I; i += VL) {
+                int64_t c = I - i < VL ? I - i : VL;
+                st_part(act + j * I + i, swiglu(ld_part(gu + j * 2 * I + i, c), ld_part(gu + j * 2 * I + I + i, c)), c);
+            }
         nt_f32(act, I, wd, I, out, D, r, D, I);
     }
 }
@@ -349,8 +442,11 @@ int64_t dsv3_route(int bf16, const void *x, const float *wg, const float *bias, 
     for (int64_t n = 0; n < N; n++) {
         to_f32((const char *)x + n * D * (bf16 ? 2 : 4), bf16, D, 1, D, xf);
         nt_f32(xf, D, wg, D, s, E, 1, E, D);
+        for (int64_t e = 0; e < E; e += VL) {
+            int64_t c = E - e < VL ? E - e : VL;
+            st_part(s + e, 1.0f / (1.0f + vexp(-ld_part(s + e, c))), c);
+        }
         for (int64_t e = 0; e < E; e++) {
-            s[e] = 1.0f / (1.0f + expf(-s[e]));
             sb[e] = bias ? s[e] + bias[e] : s[e];
             ok[e] = 1;
         }
@@ -478,7 +574,11 @@ int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, f
                 int64_t n = pos[b * T + t] + 1;
                 float mx = r[0], sum = 0.0f;
                 for (int64_t j = 1; j < n; j++) mx = r[j] > mx ? r[j] : mx;
-                for (int64_t j = 0; j < n; j++) sum += (r[j] = expf(r[j] - mx));
+                for (int64_t j = 0; j < n; j += VL) {
+                    int64_t c = n - j < VL ? n - j : VL;
+                    st_part(r + j, vexp(ld_part(r + j, c) - mx), c);
+                }
+                for (int64_t j = 0; j < n; j++) sum += r[j];
                 for (int64_t j = 0; j < n; j++) r[j] = rnd(bf16, r[j] / sum);
                 for (int64_t j = n; j < S; j++) r[j] = 0.0f;
             }
@@ -506,4 +606,12 @@ int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, f
 void dsv3_rmsnorm(int bf16, const void *x, int64_t ldx, const float *w, void *y, int64_t rows, int64_t D, float eps) {
     size_t es = bf16 ? 2 : 4;
     for (int64_t r = 0; r < rows; r++) rmsnorm_row(bf16, (const char *)x + r * ldx * es, w, D, eps, (char *)y + r * D * es);
+}
+
+/* y = e^x for n float32 values, through vexp (exposed so its accuracy can be tested) */
+void dsv3_exp(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += VL) {
+        int64_t c = n - i < VL ? n - i : VL;
+        st_part(y + i, vexp(ld_part(x + i, c)), c);
+    }
 }

@@ -45,7 +45,7 @@ def _close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, msg: str) ->
 
 
 @pytest.mark.parametrize("K", [1, 7, 31, 32, 33, 64, 65, 96, 200, 512])
-def test_linear_few_rows_matches_float64_and_rows_are_independent(K):
+def test_linear_few_rows_matches_float64_and_rows_and_outputs_are_independent(K):
     g = torch.Generator().manual_seed(SEED + K)
     for M in (1, 2, 3, 4, 5, 9, SMALL_ROWS):
         for N in (1, 5, 130):
@@ -58,6 +58,9 @@ def test_linear_few_rows_matches_float64_and_rows_are_independent(K):
             for i in range(M):
                 assert torch.equal(linear(x[i : i + 1], w), y[i : i + 1]), f"{msg}: row {i} differs alone"
             assert torch.equal(linear(x[1:], w), y[1:]), msg
+            # and for the outputs at another offset: outputs are reduced 16 at a time, the rest
+            # one by one, and both ways must give the same bits
+            assert torch.equal(linear(x, w[3:]), y[:, 3:]), f"{msg}: outputs 3.. differ on their own"
 
 
 def test_linear_many_rows_and_float32_go_through_torch():
@@ -141,6 +144,23 @@ def test_moe_routed_matches_float64_loop(dtype, D, I, N):
         # a token's result does not depend on the others
         for n in (0, N - 1):
             assert torch.equal(m.experts_c(kern, x[n : n + 1], wt[n : n + 1], idx[n : n + 1]), y[n : n + 1]), msg
+
+
+def test_exp_within_one_ulp_and_its_edges(kern):
+    """The vectorised e^x (softmax, SwiGLU, router): within 1 ulp of float64's exp over the whole
+    float range, at every length (the last partial vector too); 0 below -87.34, inf above 88.72."""
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.cat([torch.rand(20001, generator=g) * 176 - 88, torch.randn(999, generator=g) * 3])  # ragged length
+    y = torch.empty_like(x)
+    kern.lib.dsv3_exp(x.data_ptr(), y.data_ptr(), x.numel())
+    ref = x.double().exp()
+    normal = ref >= torch.finfo(torch.float32).tiny
+    ulp = (y[normal].view(torch.int32).long() - ref[normal].float().view(torch.int32).long()).abs()
+    assert ulp.max().item() <= 1, f"seed {SEED}: {ulp.max().item()} ulp at x = {x[normal][ulp.argmax()].item()}"
+    edges = torch.tensor([-1e30, -87.5, 0.0, 88.8, 1e30, float("-inf"), float("inf"), float("nan")])
+    out = torch.empty_like(edges)
+    kern.lib.dsv3_exp(edges.data_ptr(), out.data_ptr(), edges.numel())
+    assert out[:7].tolist() == [0.0, 0.0, 1.0, float("inf"), float("inf"), 0.0, float("inf")] and out[7].isnan()
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
