@@ -540,6 +540,26 @@ class MTP(Block):
         self.shared_head = SharedHead(cfg)
         self.embed_tokens: VocabParallelEmbedding | None = None
 
+    def entry(self, embed: VocabParallelEmbedding, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """eh_proj([enorm(embed(tokens)), hnorm(hidden)]): tokens [B,T], hidden [B,T,D] -> [B,T,D].
+        A few bfloat16 tokens with the whole embedding on this rank go through one call of the C
+        kernel (cpu_gemm.c's dsv3_mtp_entry), the same bits as the steps one by one: five ops,
+        each paying its own set-up, are most of the module's cost beyond its decoder layer."""
+        B, T, D = hidden.shape
+        w = self.eh_proj.weight
+        kern = cpu_kernels(hidden) if B * T <= FEW_TOKENS and embed.dist.world_size == 1 else None
+        if kern is None or not (hidden.dtype == w.dtype == embed.weight.dtype == torch.bfloat16):
+            return self.eh_proj(torch.cat([self.enorm(embed(tokens)), self.hnorm(hidden)], dim=-1))
+        hidden, tokens, y = hidden.contiguous(), tokens.contiguous(), torch.empty_like(hidden)
+        rc = kern.lib.dsv3_mtp_entry(tokens.data_ptr(), embed.weight.data_ptr(), embed.weight.shape[0], hidden.data_ptr(),
+                                     self.enorm.weight.data_ptr(), self.enorm.eps, self.hnorm.weight.data_ptr(),
+                                     self.hnorm.eps, w.data_ptr(), y.data_ptr(), B * T, D)
+        if rc == -2:
+            raise DsvError(f"MTP: a token id outside the vocabulary (0..{embed.weight.shape[0] - 1})")
+        if rc:
+            raise MemoryError("dsv3_mtp_entry: out of memory for its scratch buffer")
+        return y
+
     def add_own_embedding_and_head(self, embedding: bool, head: bool) -> None:
         """Give the module its own copies (the checkpoint has them) instead of the main model's."""
         cfg, dev = self.cfg, self.enorm.weight.device
@@ -627,7 +647,7 @@ class Transformer(nn.Module):
         lo, S = min(starts), max(starts) + T
         if S > self.max_seq_len or lo < 0:
             raise DsvError(f"position {S - 1} is outside the cache (max_seq_len {self.max_seq_len})")
-        pos = start_pos.to(tokens.device).view(B, 1) + torch.arange(T, device=tokens.device)  # [B,T]
+        pos = torch.tensor([range(s, s + T) for s in starts], device=tokens.device)  # [B,T]: one op, not four
         return Positions(pos, S, T == 1 and S - 1 == lo, self.rope_cos, self.rope_sin, self.max_seq_len)
 
     @torch.no_grad()
@@ -664,16 +684,21 @@ class Transformer(nn.Module):
             raise DsvError("this checkpoint has no MTP layer (num_nextn_predict_layers is 0 or its tensors are absent)")
         with forward_scope(next_tokens, self.dtype):
             at = self._positions(next_tokens, start_pos)
-            e = (m.embed_tokens or self.embed_tokens)(next_tokens)  # [B,T,D]
-            x = m.eh_proj(torch.cat([m.enorm(e), m.hnorm(hidden.to(self.dtype))], dim=-1))  # [B,T,2D] -> [B,T,D]
+            x = m.entry(m.embed_tokens or self.embed_tokens, next_tokens, hidden.to(self.dtype))  # [B,T,D]
             x = Block.forward(m, x, at)
             h = m.shared_head.norm(x)
             return (m.shared_head.head or self.lm_head)(rows_at(h, logits_at)), h
 
 
 def rows_at(h: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
-    """h [B,T,D] -> h[b, at[b]] [B,D], or h itself when `at` is None."""
-    return h if at is None else h[torch.arange(h.shape[0], device=h.device), at.to(h.device)]
+    """h [B,T,D] -> h[b, at[b]] [B,D], or h itself when `at` is None. Views where it can (one
+    row for every sequence: the usual case), not an indexing op per call."""
+    if at is None:
+        return h
+    idx = at.tolist()
+    if all(i == idx[0] for i in idx):
+        return h[:, idx[0]]
+    return torch.stack([h[b, i] for b, i in enumerate(idx)])
 
 
 def check_divisible(cfg: ModelConfig, dist: Dist) -> None:

@@ -62,6 +62,8 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_mla": (_i64, (ctypes.c_int, _p, _p, _p, ctypes.c_float, _p, _p, _p, _p, _i64, _p, ctypes.c_float, _p) + (_i64,) * 7),
     # bf16, x, ldx, w, y, rows, D, eps
     "dsv3_rmsnorm": (None, (ctypes.c_int, _p, _i64, _p, _p, _i64, _i64, ctypes.c_float)),
+    # tok, embed, V, h, enw, eeps, hnw, heps, w, y, rows, D -> 0, -1 without memory, -2 for a bad id
+    "dsv3_mtp_entry": (_i64, (_p, _p, _i64, _p, _p, ctypes.c_float, _p, ctypes.c_float, _p, _p, _i64, _i64)),
     # x, y, n (float32): the vectorised e^x the softmax, SwiGLU and router use, for its tests
     "dsv3_exp": (None, (_p, _p, _i64)),
 }

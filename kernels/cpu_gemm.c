@@ -608,6 +608,28 @@ void dsv3_rmsnorm(int bf16, const void *x, int64_t ldx, const float *w, void *y,
     for (int64_t r = 0; r < rows; r++) rmsnorm_row(bf16, (const char *)x + r * ldx * es, w, D, eps, (char *)y + r * D * es);
 }
 
+/* The MTP module's entry for `rows` tokens, all bfloat16 but the norms' float32 weights:
+ * y = eh_proj([enorm(embed[tok]) | hnorm(h)]) with embed [V,D], h and y [rows,D], w [D,2D]. The
+ * same steps and roundings as RMSNorm, cat and a linear one after the other (each norm rounded to
+ * bfloat16, then one product like dsv3_gemm's), in one call. Returns 0, -1 when scratch memory
+ * cannot be had, or -2 for a token id outside 0..V-1 (nothing is written then). */
+int64_t dsv3_mtp_entry(const int64_t *tok, const uint16_t *embed, int64_t V, const uint16_t *h, const float *enw,
+                       float eeps, const float *hnw, float heps, const uint16_t *w, uint16_t *y, int64_t rows, int64_t D) {
+    for (int64_t r = 0; r < rows; r++)
+        if (tok[r] < 0 || tok[r] >= V) return -2;
+    uint16_t *cat = malloc((size_t)(rows * 2 * D) * 2 + (size_t)(rows * D) * sizeof(float));
+    if (!cat) return -1;
+    float *yf = (float *)(cat + rows * 2 * D);
+    for (int64_t r = 0; r < rows; r++) {
+        rmsnorm_row(1, embed + tok[r] * D, enw, D, eeps, cat + r * 2 * D);
+        rmsnorm_row(1, h + r * D, hnw, D, heps, cat + r * 2 * D + D);
+    }
+    nt_bf16(cat, 2 * D, w, 2 * D, yf, D, rows, D, 2 * D);
+    store(yf, y, 1, rows * D);
+    free(cat);
+    return 0;
+}
+
 /* y = e^x for n float32 values, through vexp (exposed so its accuracy can be tested) */
 void dsv3_exp(const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i += VL) {

@@ -349,6 +349,36 @@ def test_logits_at_gives_the_full_logits_at_those_rows(mtp_setup):
             assert same(m_part, m_full[rows, at.clamp(max=T - 1)]) and torch.equal(m_h2, m_h)
 
 
+def test_mtp_entry_in_one_c_call_equals_the_steps(mtp_setup, monkeypatch):
+    """The MTP module's entry (embedding, two norms, concat, eh_proj) through dsv3_mtp_entry gives
+    the bits of the same steps one by one, and follows torch's steps (kernels off) within
+    bfloat16 rounding; an id outside the vocabulary is named, not read out of bounds."""
+    from dsv3cli.errors import DsvError
+    from dsv3cli.parallel import forward_scope
+
+    big, _, folder = mtp_setup
+    model = load_model(folder, Dist(), dtype=torch.bfloat16, max_batch_size=3, max_seq_len=64)
+    m, embed = model.mtp, model.mtp.embed_tokens
+    g = torch.Generator().manual_seed(5)
+    for B, T in ((1, 1), (1, 2), (3, 2), (2, 3)):
+        ids = torch.randint(0, big.config.vocab_size, (B, T), generator=g)
+        hidden = torch.randn(B, T, big.config.hidden_size, generator=g).to(torch.bfloat16)
+
+        def steps():
+            return m.eh_proj(torch.cat([m.enorm(embed(ids)), m.hnorm(hidden)], dim=-1))
+
+        with forward_scope(ids, torch.bfloat16), torch.no_grad():
+            fused, ref = m.entry(embed, ids, hidden), steps()
+        monkeypatch.setenv("DSV3_CPU_KERNEL", "0")
+        with forward_scope(ids, torch.bfloat16), torch.no_grad():
+            off = m.entry(embed, ids, hidden)  # torch's steps
+        monkeypatch.delenv("DSV3_CPU_KERNEL")
+        assert fused.shape == (B, T, big.config.hidden_size) and torch.equal(fused, ref), (B, T)
+        assert rel_err(fused, off) <= 2e-2, (B, T)
+    with forward_scope(ids, torch.bfloat16), torch.no_grad(), pytest.raises(DsvError, match="outside the vocabulary"):
+        m.entry(embed, torch.full((1, 2), big.config.vocab_size), hidden[:1, :2])
+
+
 def test_fp8_kernel_linear_computes_the_block_scaled_product():
     """The CUDA path of an FP8 Linear (act-quant + Triton GEMM), run in the Triton interpreter:
     equal to the float64 product of the quantized activations and the dequantized weight."""
