@@ -252,31 +252,50 @@ DEFINE_NT(bf16, uint16_t)
 
 /* ---- nn: y = x . w, rows of w scaled and added (x float32, contiguous [M,K]) --------------------- */
 
+/* MB rows of y by NV vectors of 16 columns (constants after inlining): each output a chain of
+ * fused multiply-adds over k in order, the MB x NV chains side by side so that they overlap
+ * (one chain alone waits on its own latency) and each w load serves MB rows */
 #define DEFINE_NN(SUF, W_T, LD_W, W_F32)                                                                        \
-    static void nn_##SUF(const float *x, const W_T *w, int64_t ldw, float *y, int64_t ldy, int64_t M, int64_t N, \
-                         int64_t K) {                                                                            \
-        for (int64_t m = 0; m < M; m++) {                                                                        \
-            const float *xm = x + m * K;                                                                         \
-            int64_t n = 0;                                                                                       \
-            for (; n + 4 * VL <= N; n += 4 * VL) {                                                               \
-                v16f acc[4] = {0};                                                                               \
-                for (int64_t k = 0; k < K; k++) {                                                                \
-                    v16f xv = (v16f){0} + xm[k];                                                                 \
-                    for (int j = 0; j < 4; j++) acc[j] += xv * LD_W(w + k * ldw + n + j * VL);                   \
-                }                                                                                                \
-                memcpy(y + m * ldy + n, acc, sizeof acc);                                                        \
-            }                                                                                                    \
-            for (; n + VL <= N; n += VL) {                                                                       \
-                v16f acc = {0};                                                                                  \
-                for (int64_t k = 0; k < K; k++) acc += ((v16f){0} + xm[k]) * LD_W(w + k * ldw + n);              \
-                memcpy(y + m * ldy + n, &acc, sizeof acc);                                                       \
-            }                                                                                                    \
-            for (; n < N; n++) {                                                                                 \
-                float s = 0.0f;                                                                                  \
-                for (int64_t k = 0; k < K; k++) s += xm[k] * W_F32(w[k * ldw + n]);                              \
-                y[m * ldy + n] = s;                                                                              \
+    static inline __attribute__((always_inline)) void nn_tile_##SUF(const float *x, int64_t K, const W_T *w,     \
+                                                                    int64_t ldw, float *y, int64_t ldy,          \
+                                                                    const int MB, const int NV) {                \
+        v16f acc[4][4];                                                                                          \
+        for (int i = 0; i < MB; i++)                                                                             \
+            for (int j = 0; j < NV; j++) acc[i][j] = (v16f){0};                                                  \
+        for (int64_t k = 0; k < K; k++) {                                                                        \
+            v16f wv[4];                                                                                          \
+            for (int j = 0; j < NV; j++) wv[j] = LD_W(w + k * ldw + j * VL);                                     \
+            for (int i = 0; i < MB; i++) {                                                                       \
+                v16f xv = (v16f){0} + x[i * K + k];                                                              \
+                for (int j = 0; j < NV; j++) acc[i][j] += xv * wv[j];                                            \
             }                                                                                                    \
         }                                                                                                        \
+        for (int i = 0; i < MB; i++)                                                                             \
+            for (int j = 0; j < NV; j++) memcpy(y + i * ldy + j * VL, &acc[i][j], sizeof(v16f));                 \
+    }                                                                                                            \
+    static inline __attribute__((always_inline)) void nn_rows_##SUF(const float *x, const W_T *w, int64_t ldw,   \
+                                                                    float *y, int64_t ldy, int64_t N, int64_t K, \
+                                                                    const int MB) {                              \
+        int64_t n = 0;                                                                                           \
+        for (; n + 4 * VL <= N; n += 4 * VL) nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 4);                 \
+        switch ((N - n) / VL) {                                                                                  \
+        case 3: nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 3); break;                                       \
+        case 2: nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 2); break;                                       \
+        case 1: nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 1); break;                                       \
+        }                                                                                                        \
+        for (n += (N - n) / VL * VL; n < N; n++)                                                                 \
+            for (int i = 0; i < MB; i++) {                                                                       \
+                float s = 0.0f;                                                                                  \
+                for (int64_t k = 0; k < K; k++) s += x[i * K + k] * W_F32(w[k * ldw + n]);                       \
+                y[i * ldy + n] = s;                                                                              \
+            }                                                                                                    \
+    }                                                                                                            \
+    static void nn_##SUF(const float *x, const W_T *w, int64_t ldw, float *y, int64_t ldy, int64_t M, int64_t N, \
+                         int64_t K) {                                                                            \
+        int64_t m = 0;                                                                                           \
+        for (; m + 4 <= M; m += 4) nn_rows_##SUF(x + m * K, w, ldw, y + m * ldy, ldy, N, K, 4);                  \
+        for (; m + 2 <= M; m += 2) nn_rows_##SUF(x + m * K, w, ldw, y + m * ldy, ldy, N, K, 2);                  \
+        for (; m < M; m++) nn_rows_##SUF(x + m * K, w, ldw, y + m * ldy, ldy, N, K, 1);                          \
     }
 
 DEFINE_NN(bf16, uint16_t, ld_bf16, bf16_f32)
