@@ -375,7 +375,7 @@ def generate(
             m = max(n_l[b] for b in active) + 1
             if m < k + 1:
                 hidden, toks = hidden[:, :m], toks[:, :m]
-            at = torch.tensor([min(n_l[b], m - 1) for b in range(B)], device=device)  # finished rows may hold any n
+            at = [min(n_l[b], m - 1) for b in range(B)]  # finished rows may hold any n
             m_logits, m_hidden = model.mtp_forward(hidden, toks, prev_start, logits_at=at)  # [B,V], [B,m,D]
             drafts, p_draft = _draft(model, m_logits, m_hidden, at, start, n_drafts(), pick)
     st.decode_s = time.perf_counter() - t2
@@ -390,7 +390,7 @@ def _agreeing(drafts: list[int], top: list[int]) -> int:
     return n
 
 
-def _draft(model, logits: torch.Tensor, hidden: torch.Tensor, at: torch.Tensor, pos: torch.Tensor, K: int, pick):
+def _draft(model, logits: torch.Tensor, hidden: torch.Tensor, at: Sequence[int] | torch.Tensor, pos: torch.Tensor, K: int, pick):
     """K draft tokens for positions pos+1..pos+K (pos [B]: the newest token's position).
 
     logits [B,V] are the MTP output at position pos-1 (it predicts t_{pos+1}), which is row at[b]
@@ -409,5 +409,5 @@ def _draft(model, logits: torch.Tensor, hidden: torch.Tensor, at: torch.Tensor, 
         t, p = pick(logits)
         toks.append(t)
         probs.append(p)
-    drafts = torch.stack(toks, dim=1)  # [B,K]
+    drafts = torch.stack(toks, dim=1) if K > 1 else toks[0].unsqueeze(1)  # [B,K]
     return drafts, None if probs[0] is None else torch.stack(probs, dim=1)

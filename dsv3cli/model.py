@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -599,6 +599,7 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.scratch = Scratch()
         self._observer: RouteObserver | None = None
+        self._last_positions: tuple[tuple, Positions] | None = None  # (key, value) of the last forward's
         kw = dict(dtype=dtype, scratch=self.scratch, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         with torch.device(device):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dist, dtype=dtype)
@@ -644,15 +645,20 @@ class Transformer(nn.Module):
         if B > self.max_batch_size:
             raise DsvError(f"batch of {B} sequences exceeds max_batch_size {self.max_batch_size}")
         starts = start_pos.tolist()  # the one host sync of a forward
+        key = (tuple(starts), T, tokens.device)
+        if self._last_positions is not None and self._last_positions[0] == key:
+            return self._last_positions[1]  # the MTP forward after a verification: the same positions
         lo, S = min(starts), max(starts) + T
         if S > self.max_seq_len or lo < 0:
             raise DsvError(f"position {S - 1} is outside the cache (max_seq_len {self.max_seq_len})")
         pos = torch.tensor([range(s, s + T) for s in starts], device=tokens.device)  # [B,T]: one op, not four
-        return Positions(pos, S, T == 1 and S - 1 == lo, self.rope_cos, self.rope_sin, self.max_seq_len)
+        at = Positions(pos, S, T == 1 and S - 1 == lo, self.rope_cos, self.rope_sin, self.max_seq_len)
+        self._last_positions = (key, at)
+        return at
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor, valid: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None):
+                logits_at: torch.Tensor | Sequence[int] | None = None):
         """tokens [B,T], start_pos [B] -> (logits float32 [B,T,V], final-normed hidden [B,T,D]).
 
         Token t of sequence b sits at position start_pos[b]+t; its K/V latent is written there.
@@ -671,7 +677,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def mtp_forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos: torch.Tensor,
-                    logits_at: torch.Tensor | None = None):
+                    logits_at: torch.Tensor | Sequence[int] | None = None):
         """hidden [B,T,D] (h_p, final-normed), next_tokens [B,T] (t_{p+1}), start_pos [B]
         -> (logits float32 [B,T,V] for t_{p+2}, the module's normed hidden [B,T,D]);
         `logits_at` as in `forward`.
@@ -690,12 +696,12 @@ class Transformer(nn.Module):
             return (m.shared_head.head or self.lm_head)(rows_at(h, logits_at)), h
 
 
-def rows_at(h: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+def rows_at(h: torch.Tensor, at: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
     """h [B,T,D] -> h[b, at[b]] [B,D], or h itself when `at` is None. Views where it can (one
     row for every sequence: the usual case), not an indexing op per call."""
     if at is None:
         return h
-    idx = at.tolist()
+    idx = at.tolist() if isinstance(at, torch.Tensor) else list(at)
     if all(i == idx[0] for i in idx):
         return h[:, idx[0]]
     return torch.stack([h[b, i] for b, i in enumerate(idx)])
