@@ -599,7 +599,7 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.scratch = Scratch()
         self._observer: RouteObserver | None = None
-        self._last_positions: tuple[tuple, Positions] | None = None  # (key, value) of the last forward's
+        self._last_positions: tuple[tuple, Positions] | None = None  # the last forward's, keyed by (starts, T, device)
         kw = dict(dtype=dtype, scratch=self.scratch, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         with torch.device(device):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dist, dtype=dtype)

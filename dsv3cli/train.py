@@ -179,7 +179,7 @@ def corpus_text_sample(seed: int = 0, n_docs: int = 4000) -> str:
 # layer whatever the width, and the speedup of MTP decoding, (1 + acceptance) /
 # (cost(verify K+1 tokens) / cost(1 token) + cost(MTP) / cost(main)), grows with depth: at 20
 # layers its ceiling was ~1.7x. 64 is not a multiple of 128, so FP8 quantization meets ragged
-# blocks; the whole checkpoint stays under 10 MB.
+# blocks; the tensors stay under 10 MB.
 MINI_CONFIG = dict(
     hidden_size=64,
     intermediate_size=192,

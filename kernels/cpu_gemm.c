@@ -230,7 +230,7 @@ DEFINE_TAIL(bf16, uint16_t, bf16_f32)
             for (int i = 0; i < MB; i++) {                                                                       \
                 v16f s = hsum16(acc + i * VL);                                                                   \
                 for (int j = 0; j < VL; j++)                                                                     \
-                    y[(m + i) * ldy + n + j] = k < K ? tail_##SUF(s[j], xm + i * ldx, w + (n + j) * ldw, k, K) : s[j]; \
+                    y[(m + i) * ldy + n + j] = tail_##SUF(s[j], xm + i * ldx, w + (n + j) * ldw, k, K);     \
             }                                                                                                    \
         }                                                                                                        \
         for (; n < N; n++) {                                                                                     \
