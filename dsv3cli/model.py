@@ -52,9 +52,10 @@ FEW_TOKENS = 8
 
 
 class Positions:
-    """Where one forward's tokens sit, computed once and shared by every layer. The C attention
-    kernel reads only `pos` (and the whole rope tables); the torch path's tensors are made on
-    first use, so a decode step does not pay for them."""
+    """Where one forward's tokens sit, computed once and shared by every layer (and by the next
+    forward at the same positions: the MTP forward after a verification). The C attention kernel
+    reads only `pos` (and the whole rope tables); the torch path's tensors are made on first use,
+    so a decode step does not pay for them."""
 
     def __init__(self, pos: torch.Tensor, S: int, all_visible: bool, cos_table: torch.Tensor, sin_table: torch.Tensor, max_seq_len: int):
         self.pos = pos  # [B,T] cache position of each token
