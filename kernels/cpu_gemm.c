@@ -152,6 +152,13 @@ static inline v16f ld_part(const float *p, int64_t n) {
     return v;
 }
 static inline void st_part(float *p, v16f v, int64_t n) { memcpy(p, &v, (size_t)n * sizeof(float)); }
+/* how many of n values are left from i, at most 16 (a vector's worth) */
+static inline int64_t lanes(int64_t n, int64_t i) { return n - i < VL ? n - i : VL; }
+
+/* y[i] = e^(x[i] - sub) for i < n, through vexp 16 at a time (y may be x) */
+static void exp_sub(const float *x, float sub, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += VL) st_part(y + i, vexp(ld_part(x + i, lanes(n, i)) - sub), lanes(n, i));
+}
 
 /* ---- nt: y = x . w^T, one row of w against MB rows of x at a time -------------------------------- */
 
@@ -360,27 +367,27 @@ static inline v16f swiglu(v16f g, v16f u) { return g / (1.0f + vexp(-g)) * u; }
  * [I,D] (gate and up rows), down [D,I]; scratch gu [ROWS,2I], act [ROWS,I] floats. */
 static void swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const void *wg, const void *wu, const void *wd,
                         int64_t I, float *gu, float *act, float *out) {
+    uint16_t *act16 = (uint16_t *)act; /* the same memory, as a bfloat16 product's input */
     if (bf16) {
-        uint16_t *act16 = (uint16_t *)act; /* the same memory, as a bfloat16 product's input */
         nt_bf16(xs, D, wg, D, gu, 2 * I, r, I, D);
         nt_bf16(xs, D, wu, D, gu + I, 2 * I, r, I, D);
-        for (int64_t j = 0; j < r; j++)
-            for (int64_t i = 0; i < I; i += VL) {
-                int64_t c = I - i < VL ? I - i : VL;
-                v16f a = swiglu(ld_part(gu + j * 2 * I + i, c), ld_part(gu + j * 2 * I + I + i, c));
-                for (int64_t l = 0; l < c; l++) act16[j * I + i + l] = f32_bf16(a[l]);
-            }
-        nt_bf16(act16, I, wd, I, out, D, r, D, I);
     } else {
         nt_f32(xs, D, wg, D, gu, 2 * I, r, I, D);
         nt_f32(xs, D, wu, D, gu + I, 2 * I, r, I, D);
-        for (int64_t j = 0; j < r; j++)
-            for (int64_t i = 0; i < I; i += VL) {
-                int64_t c = I - i < VL ? I - i : VL;
-                st_part(act + j * I + i, swiglu(ld_part(gu + j * 2 * I + i, c), ld_part(gu + j * 2 * I + I + i, c)), c);
-            }
-        nt_f32(act, I, wd, I, out, D, r, D, I);
     }
+    for (int64_t j = 0; j < r; j++)
+        for (int64_t i = 0; i < I; i += VL) {
+            int64_t c = lanes(I, i);
+            v16f a = swiglu(ld_part(gu + j * 2 * I + i, c), ld_part(gu + j * 2 * I + I + i, c));
+            if (bf16)
+                for (int64_t l = 0; l < c; l++) act16[j * I + i + l] = f32_bf16(a[l]);
+            else
+                st_part(act + j * I + i, a, c);
+        }
+    if (bf16)
+        nt_bf16(act16, I, wd, I, out, D, r, D, I);
+    else
+        nt_f32(act, I, wd, I, out, D, r, D, I);
 }
 
 /* A MoE layer's experts for N tokens (the router's choices given):
@@ -461,10 +468,7 @@ int64_t dsv3_route(int bf16, const void *x, const float *wg, const float *bias, 
     for (int64_t n = 0; n < N; n++) {
         to_f32((const char *)x + n * D * (bf16 ? 2 : 4), bf16, D, 1, D, xf);
         nt_f32(xf, D, wg, D, s, E, 1, E, D);
-        for (int64_t e = 0; e < E; e += VL) {
-            int64_t c = E - e < VL ? E - e : VL;
-            st_part(s + e, 1.0f / (1.0f + vexp(-ld_part(s + e, c))), c);
-        }
+        for (int64_t e = 0; e < E; e += VL) st_part(s + e, 1.0f / (1.0f + vexp(-ld_part(s + e, lanes(E, e)))), lanes(E, e));
         for (int64_t e = 0; e < E; e++) {
             sb[e] = bias ? s[e] + bias[e] : s[e];
             ok[e] = 1;
@@ -593,10 +597,7 @@ int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, f
                 int64_t n = pos[b * T + t] + 1;
                 float mx = r[0], sum = 0.0f;
                 for (int64_t j = 1; j < n; j++) mx = r[j] > mx ? r[j] : mx;
-                for (int64_t j = 0; j < n; j += VL) {
-                    int64_t c = n - j < VL ? n - j : VL;
-                    st_part(r + j, vexp(ld_part(r + j, c) - mx), c);
-                }
+                exp_sub(r, mx, r, n);
                 for (int64_t j = 0; j < n; j++) sum += r[j];
                 for (int64_t j = 0; j < n; j++) r[j] = rnd(bf16, r[j] / sum);
                 for (int64_t j = n; j < S; j++) r[j] = 0.0f;
@@ -650,9 +651,4 @@ int64_t dsv3_mtp_entry(const int64_t *tok, const uint16_t *embed, int64_t V, con
 }
 
 /* y = e^x for n float32 values, through vexp (exposed so its accuracy can be tested) */
-void dsv3_exp(const float *x, float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i += VL) {
-        int64_t c = n - i < VL ? n - i : VL;
-        st_part(y + i, vexp(ld_part(x + i, c)), c);
-    }
-}
+void dsv3_exp(const float *x, float *y, int64_t n) { exp_sub(x, 0.0f, y, n); }
