@@ -31,6 +31,8 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3_kernels.cpu import run_split
+
 from .config import ModelConfig
 from .errors import DsvError
 from .parallel import (
@@ -41,6 +43,7 @@ from .parallel import (
     RowParallelLinear,
     Scratch,
     VocabParallelEmbedding,
+    c_threads,
     cpu_kernels,
     forward_scope,
     matmul_into,
@@ -439,13 +442,20 @@ class MoE(nn.Module):
         x, w, idx = x.contiguous(), w.float().contiguous(), idx.contiguous()
         y = torch.empty_like(x)
         N, K = idx.shape
-        I = self.w2.shape[-1]
+        D, I = x.shape[1], self.w2.shape[-1]
         se = self.shared_experts if shared else None
         sw = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight) if se is not None else ()
         sp = [t.data_ptr() for t in sw] or [None] * 3
-        if kern.lib.dsv3_moe(int(x.dtype == torch.bfloat16), x.data_ptr(), idx.data_ptr(), w.data_ptr(), self.w13.data_ptr(),
-                             self.w2.data_ptr(), y.data_ptr(), N, K, x.shape[1], I, self.lo, self.hi, *sp,
-                             sw[0].shape[0] if sw else 0):
+        Is = sw[0].shape[0] if sw else 0
+        xp, ip, wp, yp, es = x.data_ptr(), idx.data_ptr(), w.data_ptr(), y.data_ptr(), x.element_size()
+
+        def tokens(n0: int, n1: int) -> int:  # a token's output does not depend on the others in the call
+            return kern.lib.dsv3_moe(int(x.dtype == torch.bfloat16), xp + n0 * D * es, ip + n0 * K * 8, wp + n0 * K * 4,
+                                     self.w13.data_ptr(), self.w2.data_ptr(), yp + n0 * D * es, n1 - n0, K, D, I,
+                                     self.lo, self.hi, *sp, Is)
+
+        # One part per thread: each part reads every expert's weights.
+        if run_split(N, tokens, c_threads(N * 3 * D * (K * I + Is)), per_worker=1):
             raise MemoryError("dsv3_moe: out of memory for its scratch buffers")
         return y
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3_kernels.cpu import load as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
+from dsv3_kernels.cpu import run_split
 
 from .errors import DsvError
 
@@ -42,7 +43,9 @@ BLOCK = 128  # FP8 block size of the hub format (weight_block_size [128, 128])
 NATIVE_GEMM_MACS = 160_000
 # Up to this many rows a bfloat16 product on the CPU goes through the C kernel (cpu_gemm.c), 3x
 # faster than torch's at decode sizes (one core: a 1x512 by 512x512 linear 11 vs 31 us, 2 rows
-# 14 vs 36 us); above it oneDNN's blocked GEMM wins.
+# 14 vs 36 us); above it oneDNN's blocked GEMM wins where the CPU has bfloat16 dot products
+# (`CpuKernels.native_bf16`). Without them, ours win at every size (Zen 3, one core, 128 rows by
+# 512x1536: 4.0 vs 21.7 ms).
 SMALL_ROWS = 32
 
 
@@ -85,21 +88,31 @@ def few_token_gemms(x: torch.Tensor, dtype: torch.dtype):
     return onednn(False) if dtype == torch.bfloat16 and not x.is_cuda and x.numel() <= 4 else contextlib.nullcontext()
 
 
-# The C kernels as resolved at the start of the model forward in progress (a 1-tuple; unset
-# outside one): a decode step asks ~200 times, and each `load()` reads the environment.
+# The C kernels and the threads they may use, as resolved at the start of the model forward in
+# progress (unset outside one): a decode step asks ~200 times, and each `load()` reads the
+# environment.
 _FORWARD_KERNELS: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("dsv3_forward_kernels", default=None)
+# A C call of at least this many multiply-adds is split across threads; below it, handing the
+# parts to other threads (~20 us) costs more than they save.
+PARALLEL_MACS = 1 << 20
 
 
 @contextmanager
 def forward_scope(x: torch.Tensor, dtype: torch.dtype) -> Iterator[None]:
     """The context of one model forward of `x` ([B,T] token ids): `few_token_gemms`, and the C
-    kernels resolved once for all the layers."""
-    token = _FORWARD_KERNELS.set((load_c_kernels(),))
+    kernels resolved once for all the layers, with torch's intra-op thread count."""
+    kern, threads = load_c_kernels(), torch.get_num_threads()
+    token = _FORWARD_KERNELS.set((kern, threads))
+    one = kern is not None and threads > 1 and x.is_cpu and not torch.is_grad_enabled()
+    if one:
+        torch.set_num_threads(1)
     try:
         with few_token_gemms(x, dtype):
             yield
     finally:
         _FORWARD_KERNELS.reset(token)
+        if one:
+            torch.set_num_threads(threads)
 
 
 def cpu_kernels(x: torch.Tensor):
@@ -110,13 +123,32 @@ def cpu_kernels(x: torch.Tensor):
     return load_c_kernels() if resolved is None else resolved[0]
 
 
+def c_threads(macs: int) -> int:
+    """Threads for a C call of `macs` multiply-adds: torch's intra-op count (as resolved for the
+    forward in progress), one for a small call."""
+    if macs < PARALLEL_MACS:
+        return 1
+    resolved = _FORWARD_KERNELS.get()
+    return torch.get_num_threads() if resolved is None else resolved[1]
+
+
 def small_gemm_kernels(x: torch.Tensor, rows: int):
     """The C kernels for a bfloat16 product of `rows` rows on the CPU (None: use torch)."""
-    return cpu_kernels(x) if x.dtype == torch.bfloat16 and rows <= SMALL_ROWS else None
+    if x.dtype != torch.bfloat16 or (kern := cpu_kernels(x)) is None:
+        return None
+    return kern if rows <= SMALL_ROWS or not kern.native_bf16 else None
 
 
 def _c_gemm(kern, nn: bool, x, w, out, B: int, H: int, M: int, N: int, K: int, sx, sw, so) -> torch.Tensor:
-    if kern.lib.dsv3_gemm(1, int(nn), x.data_ptr(), w.data_ptr(), out.data_ptr(), B, H, M, N, K, *sx, *sw, *so):
+    """dsv3_gemm over the outputs' columns, split across threads when large (each output is
+    computed the same way whatever the split)."""
+    xp, wp, yp, es = x.data_ptr(), w.data_ptr(), out.data_ptr(), x.element_size()
+    wcol = es if nn else sw[2] * es  # bytes from one output column's weights to the next
+
+    def cols(n0: int, n1: int) -> int:
+        return kern.lib.dsv3_gemm(1, int(nn), xp, wp + n0 * wcol, yp + n0 * es, B, H, M, n1 - n0, K, *sx, *sw, *so)
+
+    if run_split(N, cols, c_threads(B * H * M * N * K), align=8):
         raise MemoryError("dsv3_gemm: out of memory for its scratch buffer")
     return out
 

@@ -6,10 +6,12 @@
  * with torch's matmul as the fallback the tests compare against. Why it exists: at decode sizes
  * (one to a few rows) torch's bfloat16 products on the CPU cost 50-90 us a call (the native
  * kernel is not vectorised for one row; oneDNN has a fixed set-up cost), while the weights
- * stream from cache in a few microseconds.
+ * stream from cache in a few microseconds. On CPUs without bfloat16 dot products (AVX2 only),
+ * torch's bfloat16 products are slow at every size, and these serve the prefill too.
  *
- * Semantics: every product accumulates in float32, one lane per 16 consecutive k, the 16 lanes
- * summed in a fixed tree, then the k tail in order; bfloat16 results are rounded once (nearest
+ * Semantics: every product accumulates in float32, one lane per 16 consecutive k (which k goes
+ * to which lane is fixed per instruction set), the 16 lanes summed in a fixed tree, then the k
+ * tail in order; bfloat16 results are rounded once (nearest
  * even). Each output element is computed the same way whatever the number of rows, the batch
  * or where it sits in a block, so a row's result never depends on the other rows (MTP
  * verification of T tokens gives the same numbers as T single-token steps).
@@ -24,7 +26,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* AVX2 without AVX-512 (Zen 2/3, most desktop and many cloud x86 CPUs): the products below use
+ * 256-bit intrinsics; the compiler lowers this file's generic 16-lane vectors poorly there
+ * (measured on Zen 3: 1-3 G multiply-adds/s, against 20+ with the intrinsics). */
+#define DSV3_AVX2 1
+#endif
+#if defined(__AVX512F__) || defined(DSV3_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -254,8 +262,10 @@ DEFINE_TAIL(bf16, uint16_t, bf16_f32)
         NT_ROWS(SUF, 2)                                                                                          \
         NT_ROWS(SUF, 1)                                                                                          \
     }
+#ifndef DSV3_AVX2
 DEFINE_NT(f32, float)
 DEFINE_NT(bf16, uint16_t)
+#endif
 
 /* ---- nn: y = x . w, rows of w scaled and added (x float32, contiguous [M,K]) --------------------- */
 
@@ -305,8 +315,174 @@ DEFINE_NT(bf16, uint16_t)
         for (; m < M; m++) nn_rows_##SUF(x + m * K, w, ldw, y + m * ldy, ldy, N, K, 1);                          \
     }
 
+#ifndef DSV3_AVX2
 DEFINE_NN(bf16, uint16_t, ld_bf16, bf16_f32)
 DEFINE_NN(f32, float, ld_f32, id_f32)
+#else
+/* ---- the same products with AVX2 intrinsics (DSV3_AVX2) ------------------------------------------ */
+
+/* nt: the semantics at the top, 16 lanes in two 8-lane halves. float32 x and w: lanes 0-7 hold
+ * k = 0..7 (mod 16), lanes 8-15 k = 8..15, as in the generic code (the same bits). bfloat16 x
+ * and w: a 32-bit word holds two consecutive values, so a shift gives the even ones and a mask
+ * the odd ones, two operations and no shuffle for 16 values: lanes 0-7 hold k = 0, 2, .., 14 and
+ * lanes 8-15 k = 1, 3, .., 15 (mod 16), each lane still a chain over its k in order. */
+static inline __m256 bf_even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+static inline __m256 bf_odd(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u))); }
+
+/* f32_bf16 of 8 floats, in the low halves of 32-bit lanes */
+static inline __m256i bf16_8(const float *p) {
+    __m256i u = _mm256_loadu_si256((const __m256i *)p), one = _mm256_set1_epi32(1);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                                   _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    return _mm256_blendv_epi8(r, q, nan);
+}
+
+/* hsum's tree over the 16 lanes (lo: 0-7, hi: 8-15) */
+static inline float hsum2(__m256 lo, __m256 hi) {
+    __m256 a = _mm256_add_ps(lo, hi);
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+
+/* hsum2 of four outputs at once (the same tree, the same bits), lo/hi of output j in l[j]/h[j]:
+ * the levels side by side, two outputs per 256-bit vector. Returns s0, s2 in lanes 0-1 and s1,
+ * s3 in lanes 4-5. */
+static inline __m256 hsum2x4(const __m256 *l, const __m256 *h) {
+    __m256 a0 = _mm256_add_ps(l[0], h[0]), a1 = _mm256_add_ps(l[1], h[1]);
+    __m256 a2 = _mm256_add_ps(l[2], h[2]), a3 = _mm256_add_ps(l[3], h[3]);
+    __m256 x = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31)); /* b0 | b1 */
+    __m256 y = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31)); /* b2 | b3 */
+    __m256 c = _mm256_add_ps(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm256_add_ps(_mm256_shuffle_ps(c, c, _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(c, c, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* y[i][j] for MB rows of x by NB rows of w (constants after inlining, MB * NB <= 4: eight
+ * accumulators, enough chains to keep both FMA pipes busy, with registers to spare for NB w
+ * vectors in both halves, one x row's and the mask) */
+#define DEFINE_NT_TILE(SUF, T, LOAD)                                                                             \
+    static inline __attribute__((always_inline)) void nt_tile_##SUF(const T *x, int64_t ldx, const T *w,         \
+                                                                    int64_t ldw, float *y, int64_t ldy,          \
+                                                                    int64_t K, const int MB, const int NB) {     \
+        __m256 lo[4], hi[4];                                                                                     \
+        for (int i = 0; i < MB * NB; i++) lo[i] = hi[i] = _mm256_setzero_ps();                                   \
+        int64_t k = 0;                                                                                           \
+        for (; k + VL <= K; k += VL) {                                                                           \
+            __m256 wl[4], wh[4];                                                                                 \
+            for (int j = 0; j < NB; j++) LOAD(w + j * ldw + k, wl[j], wh[j]);                                    \
+            for (int i = 0; i < MB; i++) {                                                                       \
+                __m256 xl, xh;                                                                                   \
+                LOAD(x + i * ldx + k, xl, xh);                                                                   \
+                for (int j = 0; j < NB; j++) {                                                                   \
+                    lo[i * NB + j] = _mm256_fmadd_ps(xl, wl[j], lo[i * NB + j]);                                 \
+                    hi[i * NB + j] = _mm256_fmadd_ps(xh, wh[j], hi[i * NB + j]);                                 \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        float sum[4];                                                                                            \
+        if (MB * NB == 4) {                                                                                      \
+            __m256 v = hsum2x4(lo, hi);                                                                          \
+            sum[0] = v[0], sum[1] = v[4], sum[2] = v[1], sum[3] = v[5];                                          \
+        } else {                                                                                                 \
+            for (int i = 0; i < MB * NB; i++) sum[i] = hsum2(lo[i], hi[i]);                                      \
+        }                                                                                                        \
+        for (int i = 0; i < MB; i++)                                                                             \
+            for (int j = 0; j < NB; j++)                                                                         \
+                y[i * ldy + j] = tail_##SUF(sum[i * NB + j], x + i * ldx, w + j * ldw, k, K);                    \
+    }
+#define LOAD_F32(p, l, h) (l = _mm256_loadu_ps(p), h = _mm256_loadu_ps((p) + 8))
+#define LOAD_BF16(p, l, h)                                                                                       \
+    do {                                                                                                         \
+        __m256i v_ = _mm256_loadu_si256((const __m256i *)(p));                                                   \
+        l = bf_even(v_), h = bf_odd(v_);                                                                         \
+    } while (0)
+DEFINE_NT_TILE(f32, float, LOAD_F32)
+DEFINE_NT_TILE(bf16, uint16_t, LOAD_BF16)
+
+/* y [M,N] = x [M,K] . w [N,K]^T: rows in panels whose x stays in L2; in a panel, blocks of 4 w
+ * rows (kept in L1 while the panel's rows pass), rows 2 or 1 at a time against 2 or 4 of them */
+#define DEFINE_NT_AVX2(SUF, T)                                                                                  \
+    static void nt_##SUF(const T *x, int64_t ldx, const T *w, int64_t ldw, float *y, int64_t ldy, int64_t M,    \
+                         int64_t N, int64_t K) {                                                                 \
+        int64_t panel = (int64_t)(128 * 1024 / sizeof(T)) / (K > 0 ? K : 1);                                     \
+        panel = panel < 2 ? 2 : panel;                                                                           \
+        for (int64_t m0 = 0; m0 < M; m0 += panel) {                                                              \
+            int64_t m1 = m0 + panel < M ? m0 + panel : M;                                                        \
+            for (int64_t n = 0; n < N; n += 4) {                                                                 \
+                int64_t nw = N - n < 4 ? N - n : 4, m = m0;                                                      \
+                const T *wn = w + n * ldw;                                                                       \
+                for (; m + 2 <= m1; m += 2)                                                                      \
+                    for (int64_t j = 0; j < nw; j += 2) {                                                        \
+                        if (nw - j >= 2)                                                                         \
+                            nt_tile_##SUF(x + m * ldx, ldx, wn + j * ldw, ldw, y + m * ldy + n + j, ldy, K, 2, 2); \
+                        else                                                                                     \
+                            nt_tile_##SUF(x + m * ldx, ldx, wn + j * ldw, ldw, y + m * ldy + n + j, ldy, K, 2, 1); \
+                    }                                                                                            \
+                for (; m < m1; m++) {                                                                            \
+                    const T *xm = x + m * ldx;                                                                   \
+                    float *ym = y + m * ldy + n;                                                                 \
+                    switch (nw) {                                                                                \
+                    case 4: nt_tile_##SUF(xm, ldx, wn, ldw, ym, ldy, K, 1, 4); break;                            \
+                    case 3: nt_tile_##SUF(xm, ldx, wn, ldw, ym, ldy, K, 1, 3); break;                            \
+                    case 2: nt_tile_##SUF(xm, ldx, wn, ldw, ym, ldy, K, 1, 2); break;                            \
+                    default: nt_tile_##SUF(xm, ldx, wn, ldw, ym, ldy, K, 1, 1);                                  \
+                    }                                                                                            \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+DEFINE_NT_AVX2(f32, float)
+DEFINE_NT_AVX2(bf16, uint16_t)
+
+/* nn: each output one chain of fused multiply-adds over k in order, as in the generic code (the
+ * same bits); tiles of MB rows by NV vectors of 8 columns, MB * NV <= 12 accumulators */
+static inline __m256 ld8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 ld8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#define DEFINE_NN_AVX2(SUF, W_T, W_F32)                                                                         \
+    static inline __attribute__((always_inline)) void nn_tile_##SUF(const float *x, int64_t K, const W_T *w,     \
+                                                                    int64_t ldw, float *y, int64_t ldy,          \
+                                                                    const int MB, const int NV) {                \
+        __m256 acc[12];                                                                                          \
+        for (int i = 0; i < MB * NV; i++) acc[i] = _mm256_setzero_ps();                                          \
+        for (int64_t k = 0; k < K; k++) {                                                                        \
+            __m256 wv[3];                                                                                        \
+            for (int j = 0; j < NV; j++) wv[j] = ld8_##SUF(w + k * ldw + j * 8);                                 \
+            for (int i = 0; i < MB; i++) {                                                                       \
+                __m256 xv = _mm256_broadcast_ss(x + i * K + k);                                                  \
+                for (int j = 0; j < NV; j++) acc[i * NV + j] = _mm256_fmadd_ps(xv, wv[j], acc[i * NV + j]);      \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int i = 0; i < MB; i++)                                                                             \
+            for (int j = 0; j < NV; j++) _mm256_storeu_ps(y + i * ldy + j * 8, acc[i * NV + j]);                 \
+    }                                                                                                            \
+    static inline __attribute__((always_inline)) void nn_rows_##SUF(const float *x, const W_T *w, int64_t ldw,   \
+                                                                    float *y, int64_t ldy, int64_t N, int64_t K, \
+                                                                    const int MB) {                              \
+        int64_t n = 0;                                                                                           \
+        for (; n + 24 <= N; n += 24) nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 3);                         \
+        if (N - n >= 16) nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 2), n += 16;                            \
+        if (N - n >= 8) nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 1), n += 8;                              \
+        for (; n < N; n++)                                                                                       \
+            for (int i = 0; i < MB; i++) {                                                                       \
+                float s = 0.0f;                                                                                  \
+                for (int64_t k = 0; k < K; k++) s += x[i * K + k] * W_F32(w[k * ldw + n]);                       \
+                y[i * ldy + n] = s;                                                                              \
+            }                                                                                                    \
+    }                                                                                                            \
+    static void nn_##SUF(const float *x, const W_T *w, int64_t ldw, float *y, int64_t ldy, int64_t M, int64_t N, \
+                         int64_t K) {                                                                            \
+        int64_t m = 0;                                                                                           \
+        for (; m + 4 <= M; m += 4) nn_rows_##SUF(x + m * K, w, ldw, y + m * ldy, ldy, N, K, 4);                  \
+        for (; m + 2 <= M; m += 2) nn_rows_##SUF(x + m * K, w, ldw, y + m * ldy, ldy, N, K, 2);                  \
+        for (; m < M; m++) nn_rows_##SUF(x + m * K, w, ldw, y + m * ldy, ldy, N, K, 1);                          \
+    }
+DEFINE_NN_AVX2(bf16, uint16_t, bf16_f32)
+DEFINE_NN_AVX2(f32, float, id_f32)
+#endif
 
 /* x [M,K] with row stride ldx, in bfloat16 or float32 -> contiguous float32 */
 static void to_f32(const void *x, int bf16, int64_t ldx, int64_t M, int64_t K, float *out) {
@@ -323,7 +499,12 @@ static void to_f32(const void *x, int bf16, int64_t ldx, int64_t M, int64_t K, f
 static void store(const float *v, void *y, int bf16, int64_t n) {
     if (bf16) {
         uint16_t *o = (uint16_t *)y;
-        for (int64_t i = 0; i < n; i++) o[i] = f32_bf16(v[i]);
+        int64_t i = 0;
+#ifdef DSV3_AVX2
+        for (; i + 16 <= n; i += 16) /* f32_bf16, 16 at a time */
+            _mm256_storeu_si256((__m256i *)(o + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_8(v + i), bf16_8(v + i + 8)), 0xd8));
+#endif
+        for (; i < n; i++) o[i] = f32_bf16(v[i]);
     } else {
         memcpy(y, v, (size_t)n * sizeof(float));
     }
@@ -648,6 +829,14 @@ int64_t dsv3_mtp_entry(const int64_t *tok, const uint16_t *embed, int64_t V, con
     store(yf, y, 1, rows * D);
     free(cat);
     return 0;
+}
+
+int dsv3_native_bf16(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* y = e^x for n float32 values, through vexp (exposed so its accuracy can be tested) */

@@ -63,13 +63,49 @@ def test_linear_few_rows_matches_float64_and_rows_and_outputs_are_independent(K)
             assert torch.equal(linear(x, w[3:]), y[:, 3:]), f"{msg}: outputs 3.. differ on their own"
 
 
-def test_linear_many_rows_and_float32_go_through_torch():
+def test_linear_many_rows(kern):
+    """float32 goes through torch. bfloat16 with many rows: through oneDNN where the CPU has
+    bfloat16 dot products, else through the C kernel at every size (torch's bfloat16 products
+    run at a fraction of its float32 speed there): close to float64, rows independent, across
+    the panels the kernel cuts the rows into (K=1000: 65 rows a panel)."""
     g = torch.Generator().manual_seed(SEED)
     w = torch.randn(24, 40, generator=g)
     x = torch.randn(SMALL_ROWS + 3, 40, generator=g)
     assert torch.equal(linear(x, w), F.linear(x, w))
-    with onednn(False):  # what `linear` picks for a product this small
-        assert torch.equal(linear(x.to(BF16), w.to(BF16)), F.linear(x.to(BF16), w.to(BF16)))
+    if kern.native_bf16:
+        with onednn(False):  # what `linear` picks for a product this small
+            assert torch.equal(linear(x.to(BF16), w.to(BF16)), F.linear(x.to(BF16), w.to(BF16)))
+        return
+    for M, N, K in [(SMALL_ROWS + 1, 7, 33), (70, 29, 200), (131, 10, 1000)]:
+        x, w = torch.randn(M, K, generator=g).to(BF16), torch.randn(N, K, generator=g).to(BF16)
+        y = linear(x, w)
+        msg = f"seed {SEED}, M {M} N {N} K {K}"
+        _close(y, x.double() @ w.double().T, x.double().abs() @ w.double().abs().T, msg)
+        for i in (0, M // 2, M - 1):
+            assert torch.equal(linear(x[i : i + 1], w), y[i : i + 1]), f"{msg}: row {i} differs alone"
+        assert torch.equal(linear(x[3:], w), y[3:]), msg
+
+
+def test_splitting_across_threads_keeps_the_bits(monkeypatch):
+    """Products split by output columns and the experts by tokens give the bits of one thread
+    (each output is computed the same way whatever the split)."""
+    import dsv3cli.parallel as parallel
+
+    monkeypatch.setattr(parallel, "PARALLEL_MACS", 1)  # split even these small calls
+    g = torch.Generator().manual_seed(SEED)
+    x, w = torch.randn(5, 70, generator=g).to(BF16), torch.randn(77, 70, generator=g).to(BF16)
+    xs = torch.randn(2, 3, 9, 33, generator=g).to(BF16)
+    ws = torch.randn(2, 3, 33, 41, generator=g).to(BF16)
+    m = _moe(BF16, 64, 32, 8, 2, shared=1)
+    xe = torch.randn(37, 64, generator=g).to(BF16)
+    route = m.gate.route_c(m.c_kernels(xe), xe)
+    out = {}
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        out[threads] = (linear(x, w), matmul_into(xs, ws, torch.empty(2, 3, 9, 41, dtype=BF16), nn=True),
+                        m.experts_c(m.c_kernels(xe), xe, *route, shared=True))
+    for a, b, what in zip(out[1], out[3], ("linear", "matmul_into", "experts")):
+        assert torch.equal(a, b), f"seed {SEED}: {what} on 3 threads differs from 1"
 
 
 @pytest.mark.parametrize("nn", [False, True])
