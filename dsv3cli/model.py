@@ -50,8 +50,10 @@ from .parallel import (
     split_range,
 )
 
-# Forwards of at most this many tokens (B*T) run their attention through the C kernel on the CPU.
+# Forwards of at most this many tokens (B*T) run their attention through the C kernel on the CPU
+# (more, too, on CPUs without bfloat16 dot products: see MLA.c_kernels).
 FEW_TOKENS = 8
+MLA_WRITE, MLA_ATTEND = 1, 2  # dsv3_mla's steps: the cache entries, the attention
 
 
 class Positions:
@@ -226,24 +228,46 @@ class MLA(nn.Module):
 
     def c_kernels(self, q: torch.Tensor, kva: torch.Tensor):
         """The C kernels when this forward's attention can run through `_absorbed_c`: the absorbed
-        path, a few tokens (decode, MTP verification), contiguous inputs, on the CPU."""
-        if self.impl != "absorb" or q.shape[0] * q.shape[1] > FEW_TOKENS or not (q.is_contiguous() and kva.is_contiguous()):
+        path, contiguous inputs, on the CPU; a few tokens (decode, MTP verification), or any
+        number where the C kernels do all the products (no bfloat16 dot products in hardware,
+        see parallel.SMALL_ROWS)."""
+        if self.impl != "absorb" or not (q.is_contiguous() and kva.is_contiguous()):
             return None
-        return cpu_kernels(q)
+        kern = cpu_kernels(q)
+        if kern is None or (q.shape[0] * q.shape[1] > FEW_TOKENS and (kern.native_bf16 or q.dtype != torch.bfloat16)):
+            return None
+        return kern
 
     def _absorbed_c(self, kern, q: torch.Tensor, kva: torch.Tensor, at: "Positions") -> torch.Tensor:
-        """The absorbed path (cache write included) in one call of the C kernel (cpu_gemm.c's
-        dsv3_mla), the same steps and roundings as the torch code in `forward` -> [B,T,H,vdim]."""
+        """The absorbed path (cache write included) through the C kernel (cpu_gemm.c's dsv3_mla),
+        the same steps and roundings as the torch code in `forward` -> [B,T,H,vdim]. A few tokens:
+        one call. More (a prefill): the cache entries first, then the tokens' attention in parts
+        of `rows` tokens across threads (a token's result does not depend on the part it is in)."""
         B, T = q.shape[:2]
         w = self.kv_b_proj.dense_weight(q.dtype)
         if not w.is_contiguous():
             w = w.contiguous()
         out = q.new_empty(B, T, self.h, self.vdim)
-        norm = self.kv_a_layernorm
-        if kern.lib.dsv3_mla(int(q.dtype == torch.bfloat16), q.data_ptr(), kva.data_ptr(), norm.weight.data_ptr(), norm.eps,
-                             at.cos_table.data_ptr(), at.sin_table.data_ptr(), at.pos.data_ptr(), self.kv_cache.data_ptr(),
-                             self.kv_cache.shape[1], w.data_ptr(), self.scale, out.data_ptr(),
-                             B, T, self.h, self.nope, self.rope, self.c, self.vdim):
+        norm, es, CR, maxS = self.kv_a_layernorm, q.element_size(), self.c + self.rope, self.kv_cache.shape[1]
+
+        def call(b: int, t0: int, t1: int, nb: int, mode: int) -> int:  # tokens t0..t1 of sequences b..b+nb
+            return kern.lib.dsv3_mla(int(q.dtype == torch.bfloat16), q.data_ptr() + (b * T + t0) * q.shape[2] * q.shape[3] * es,
+                                     kva.data_ptr() + (b * T + t0) * CR * es, norm.weight.data_ptr(), norm.eps,
+                                     at.cos_table.data_ptr(), at.sin_table.data_ptr(), at.pos.data_ptr() + (b * T + t0) * 8,
+                                     self.kv_cache.data_ptr() + b * maxS * CR * es, maxS, w.data_ptr(), self.scale,
+                                     out.data_ptr() + (b * T + t0) * self.h * self.vdim * es,
+                                     nb, t1 - t0, self.h, self.nope, self.rope, self.c, self.vdim, mode)
+
+        if B * T <= FEW_TOKENS:
+            failed = call(0, 0, T, B, MLA_WRITE | MLA_ATTEND)
+        else:
+            failed = call(0, 0, T, B, MLA_WRITE)
+            rows = max(1, min(16, self.score_budget // (self.h * at.S)))
+            parts = [(b, t) for b in range(B) for t in range(0, T, rows)]
+            macs = B * T * at.S * self.h * (CR + self.c)
+            failed = failed or run_split(len(parts), lambda j0, j1: sum(
+                call(b, t, min(T, t + rows), 1, MLA_ATTEND) for b, t in parts[j0:j1]), c_threads(macs))
+        if failed:
             raise MemoryError("dsv3_mla: out of memory for its scratch buffers")
         return out
 
@@ -677,7 +701,7 @@ class Transformer(nn.Module):
         `logits_at` [B] (optional): the head runs only on token logits_at[b] of each sequence
         (a prefill needs the last one) and the logits are [B,V].
         """
-        with forward_scope(tokens, self.dtype):
+        with forward_scope(tokens, self.dtype, self.cfg.is_fp8):
             at = self._positions(tokens, start_pos)
             flat_valid = valid.reshape(-1) if valid is not None else None
             h = self.embed_tokens(tokens)  # [B,T,D]
@@ -699,7 +723,7 @@ class Transformer(nn.Module):
         m = self.mtp
         if m is None:
             raise DsvError("this checkpoint has no MTP layer (num_nextn_predict_layers is 0 or its tensors are absent)")
-        with forward_scope(next_tokens, self.dtype):
+        with forward_scope(next_tokens, self.dtype, self.cfg.is_fp8):
             at = self._positions(next_tokens, start_pos)
             x = m.entry(m.embed_tokens or self.embed_tokens, next_tokens, hidden.to(self.dtype))  # [B,T,D]
             x = Block.forward(m, x, at)

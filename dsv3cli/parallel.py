@@ -98,12 +98,18 @@ PARALLEL_MACS = 1 << 20
 
 
 @contextmanager
-def forward_scope(x: torch.Tensor, dtype: torch.dtype) -> Iterator[None]:
+def forward_scope(x: torch.Tensor, dtype: torch.dtype, fp8: bool = False) -> Iterator[None]:
     """The context of one model forward of `x` ([B,T] token ids): `few_token_gemms`, and the C
-    kernels resolved once for all the layers, with torch's intra-op thread count."""
+    kernels resolved once for all the layers, with torch's intra-op thread count.
+
+    When the C kernels do all the products (bfloat16, not FP8, a CPU without bfloat16 dot
+    products), torch is left one thread for the forward: it does only small elementwise work
+    then, and its OpenMP threads, which spin for a while after each op, would take the cores
+    from the kernels' threads (measured, 2 cores, benchmark prefill: 164 ms with, 81 without)."""
     kern, threads = load_c_kernels(), torch.get_num_threads()
     token = _FORWARD_KERNELS.set((kern, threads))
-    one = kern is not None and threads > 1 and x.is_cpu and not torch.is_grad_enabled()
+    one = (kern is not None and not kern.native_bf16 and threads > 1 and dtype == torch.bfloat16 and not fp8
+           and x.is_cpu and not torch.is_grad_enabled())
     if one:
         torch.set_num_threads(1)
     try:

@@ -58,8 +58,8 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_moe": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 6 + (_p, _p, _p, _i64)),
     # bf16, x, wg, bias, N, D, E, G, TG, K, norm, scale, idx, wt -> 0, or -1 without memory
     "dsv3_route": (_i64, (ctypes.c_int, _p, _p, _p) + (_i64,) * 6 + (ctypes.c_int, ctypes.c_float, _p, _p)),
-    # bf16, q, kva, normw, eps, cos, ssin, pos, cache, maxS, wkv, scale, out, B, T, H, nope, R, C, vdim -> 0 / -1
-    "dsv3_mla": (_i64, (ctypes.c_int, _p, _p, _p, ctypes.c_float, _p, _p, _p, _p, _i64, _p, ctypes.c_float, _p) + (_i64,) * 7),
+    # bf16, q, kva, normw, eps, cos, ssin, pos, cache, maxS, wkv, scale, out, B, T, H, nope, R, C, vdim, mode -> 0 / -1
+    "dsv3_mla": (_i64, (ctypes.c_int, _p, _p, _p, ctypes.c_float, _p, _p, _p, _p, _i64, _p, ctypes.c_float, _p) + (_i64,) * 8),
     # bf16, x, ldx, w, y, rows, D, eps
     "dsv3_rmsnorm": (None, (ctypes.c_int, _p, _i64, _p, _p, _i64, _i64, ctypes.c_float)),
     # tok, embed, V, h, enw, eeps, hnw, heps, w, y, rows, D -> 0, -1 without memory, -2 for a bad id

@@ -118,6 +118,36 @@ static inline v16f hsum16(const v16f *v) {
            SHUF(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+#ifdef DSV3_AVX2
+/* vexp below, 8 lanes in AVX2 intrinsics: GCC scalarises comparisons of 16-lane generic vectors
+ * on AVX2 (0.17 G/s measured, against 1+ G/s this way) */
+static inline __m256 vexp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3365448f), hi = _mm256_set1_ps(88.7228391f), big = _mm256_set1_ps(12582912.0f);
+    __m256 xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x)); /* NaN stays NaN */
+    __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504f), big), big);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_cvttps_epi32(n), h = _mm256_srai_epi32(e, 1), b127 = _mm256_set1_epi32(127);
+    __m256 sh = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, b127), 23));
+    __m256 sl = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(e, h), b127), 23));
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, sh), sl);
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+    return _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+}
+static inline v16f vexp(v16f x) {
+    __m256 h[2];
+    memcpy(h, &x, sizeof x);
+    h[0] = vexp8(h[0]), h[1] = vexp8(h[1]);
+    memcpy(&x, h, sizeof x);
+    return x;
+}
+#else
 /* lanes of a where m is set (all ones), else of b (m from a vector comparison) */
 static inline v16f sel(v16i m, v16f a, v16f b) {
     v16i ai, bi;
@@ -153,20 +183,76 @@ static inline v16f vexp(v16f x) {
     return sel(x < lo, (v16f){0}, sel(x > hi, (v16f){0} + __builtin_inff(), y));
 }
 
+#endif
+
 /* the first n <= 16 floats at p as a vector (zeros after) / stored back */
 static inline v16f ld_part(const float *p, int64_t n) {
     v16f v = {0};
-    memcpy(&v, p, (size_t)n * sizeof(float));
+    if (n == VL) /* a constant size: vector moves, not a call */
+        memcpy(&v, p, sizeof v);
+    else
+        memcpy(&v, p, (size_t)n * sizeof(float));
     return v;
 }
-static inline void st_part(float *p, v16f v, int64_t n) { memcpy(p, &v, (size_t)n * sizeof(float)); }
+static inline void st_part(float *p, v16f v, int64_t n) {
+    if (n == VL)
+        memcpy(p, &v, sizeof v);
+    else
+        memcpy(p, &v, (size_t)n * sizeof(float));
+}
 /* how many of n values are left from i, at most 16 (a vector's worth) */
 static inline int64_t lanes(int64_t n, int64_t i) { return n - i < VL ? n - i : VL; }
 
-/* y[i] = e^(x[i] - sub) for i < n, through vexp 16 at a time (y may be x) */
+/* Elementwise maps over float32 arrays, through vexp (y may be x):
+ *   exp_sub: y = e^(x - sub);  sigmoid: y = 1 / (1 + e^-x);  silu_mul: y = g / (1 + e^-g) * u */
+#ifdef DSV3_AVX2
+/* 8 lanes at a time: the 16-lane generic vectors go through the stack on AVX2 */
+static inline __m256 ld8_part(const float *p, int64_t n) {
+    if (n >= 8) return _mm256_loadu_ps(p);
+    float b[8] = {0};
+    memcpy(b, p, (size_t)n * sizeof(float));
+    return _mm256_loadu_ps(b);
+}
+static inline void st8_part(float *p, __m256 v, int64_t n) {
+    if (n >= 8) {
+        _mm256_storeu_ps(p, v);
+        return;
+    }
+    float b[8];
+    _mm256_storeu_ps(b, v);
+    memcpy(p, b, (size_t)n * sizeof(float));
+}
+static inline __m256 neg8(__m256 v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.0f)); }
+static void exp_sub(const float *x, float sub, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8)
+        st8_part(y + i, vexp8(_mm256_sub_ps(ld8_part(x + i, n - i), _mm256_set1_ps(sub))), n - i);
+}
+static void sigmoid(const float *x, float *y, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 8)
+        st8_part(y + i, _mm256_div_ps(one, _mm256_add_ps(one, vexp8(neg8(ld8_part(x + i, n - i))))), n - i);
+}
+static void silu_mul(const float *g, const float *u, float *y, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 8) {
+        __m256 a = ld8_part(g + i, n - i);
+        st8_part(y + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, vexp8(neg8(a)))), ld8_part(u + i, n - i)), n - i);
+    }
+}
+#else
 static void exp_sub(const float *x, float sub, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i += VL) st_part(y + i, vexp(ld_part(x + i, lanes(n, i)) - sub), lanes(n, i));
 }
+static void sigmoid(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += VL) st_part(y + i, 1.0f / (1.0f + vexp(-ld_part(x + i, lanes(n, i)))), lanes(n, i));
+}
+static void silu_mul(const float *g, const float *u, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += VL) {
+        v16f a = ld_part(g + i, lanes(n, i));
+        st_part(y + i, a / (1.0f + vexp(-a)) * ld_part(u + i, lanes(n, i)), lanes(n, i));
+    }
+}
+#endif
 
 /* ---- nt: y = x . w^T, one row of w against MB rows of x at a time -------------------------------- */
 
@@ -541,8 +627,6 @@ int64_t dsv3_gemm(int bf16, int nn, const void *x, const void *w, void *y, int64
     return 0;
 }
 
-/* silu(g) * u = g / (1 + e^-g) * u, lane by lane */
-static inline v16f swiglu(v16f g, v16f u) { return g / (1.0f + vexp(-g)) * u; }
 
 /* out [r,D] (float32) = down(silu(gate xs) * up xs) for r gathered rows xs [r,D]; gate and up
  * [I,D] (gate and up rows), down [D,I]; scratch gu [ROWS,2I], act [ROWS,I] floats. */
@@ -556,15 +640,19 @@ static void swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const vo
         nt_f32(xs, D, wg, D, gu, 2 * I, r, I, D);
         nt_f32(xs, D, wu, D, gu + I, 2 * I, r, I, D);
     }
-    for (int64_t j = 0; j < r; j++)
-        for (int64_t i = 0; i < I; i += VL) {
-            int64_t c = lanes(I, i);
-            v16f a = swiglu(ld_part(gu + j * 2 * I + i, c), ld_part(gu + j * 2 * I + I + i, c));
-            if (bf16)
-                for (int64_t l = 0; l < c; l++) act16[j * I + i + l] = f32_bf16(a[l]);
-            else
-                st_part(act + j * I + i, a, c);
+    for (int64_t j = 0; j < r; j++) {
+        const float *g = gu + j * 2 * I;
+        if (!bf16) {
+            silu_mul(g, g + I, act + j * I, I);
+            continue;
         }
+        for (int64_t i = 0; i < I; i += 256) { /* through a float buffer: act16 shares act's memory */
+            float a[256];
+            int64_t c = I - i < 256 ? I - i : 256;
+            silu_mul(g + i, g + I + i, a, c);
+            store(a, act16 + j * I + i, 1, c);
+        }
+    }
     if (bf16)
         nt_bf16(act16, I, wd, I, out, D, r, D, I);
     else
@@ -649,7 +737,7 @@ int64_t dsv3_route(int bf16, const void *x, const float *wg, const float *bias, 
     for (int64_t n = 0; n < N; n++) {
         to_f32((const char *)x + n * D * (bf16 ? 2 : 4), bf16, D, 1, D, xf);
         nt_f32(xf, D, wg, D, s, E, 1, E, D);
-        for (int64_t e = 0; e < E; e += VL) st_part(s + e, 1.0f / (1.0f + vexp(-ld_part(s + e, lanes(E, e)))), lanes(E, e));
+        sigmoid(s, s, E);
         for (int64_t e = 0; e < E; e++) {
             sb[e] = bias ? s[e] + bias[e] : s[e];
             ok[e] = 1;
@@ -713,6 +801,26 @@ static void rope(const float *x, const float *cos, const float *ssin, int64_t n,
     }
 }
 
+/* The cache entries of sequence b's T tokens (the RMSNorm'd latent, the roped key), at their
+ * positions; kva, pos and cache as in dsv3_mla */
+static void mla_write(int bf16, const void *kva, const float *normw, float eps, const float *cos, const float *ssin,
+                      const int64_t *pos, void *cache, int64_t maxS, int64_t b, int64_t T, int64_t C, int64_t R) {
+    size_t es = bf16 ? 2 : 4;
+    int64_t CR = C + R;
+    char *cb = (char *)cache + b * maxS * CR * es;
+    for (int64_t t = 0; t < T; t++) {
+        const char *src = (const char *)kva + (b * T + t) * CR * es;
+        int64_t p = pos[b * T + t];
+        rmsnorm_row(bf16, src, normw, C, eps, cb + p * CR * es);
+        float kp[R > 0 ? R : 1], kr[R > 0 ? R : 1];
+        for (int64_t r = 0; r < R; r++) kp[r] = get(bf16, src, C + r);
+        rope(kp, cos + p * R, ssin + p * R, R, kr);
+        for (int64_t r = 0; r < R; r++) put(bf16, cb + p * CR * es, C + r, kr[r]);
+    }
+}
+
+#define MLA_WRITE 1
+#define MLA_ATTEND 2
 /* Absorbed multi-head latent attention for a few new tokens, one call per layer: writes the
  * tokens' cache entries (RMSNorm'd latent, roped key) at their positions, then for every token
  * and head: q_abs = q_nope . Wk[h], scores over the cache positions 0..pos (the causal mask),
@@ -723,31 +831,30 @@ static void rope(const float *x, const float *cos, const float *ssin, int64_t n,
  *   [maxS,R] (the model's whole tables, read at the tokens' positions), pos int64 [B,T], cache
  *   [maxB,maxS,C+R], wkv [H,nope+vdim,C] (kv_b_proj), out [B,T,H,vdim]; tensors bfloat16
  *   (bf16=1) or float32, all contiguous.
+ * mode: MLA_WRITE | MLA_ATTEND (1 | 2) for both steps; MLA_WRITE alone writes the entries of all
+ * tokens, MLA_ATTEND alone reads them (a long prefill: the entries once, then its tokens'
+ * attention in parts, on several threads).
  * Returns 0, or -1 when scratch memory cannot be had (nothing is written then). */
 int64_t dsv3_mla(int bf16, const void *q, const void *kva, const float *normw, float eps, const float *cos,
                  const float *ssin, const int64_t *pos, void *cache, int64_t maxS, const void *wkv, float scale, void *out,
-                 int64_t B, int64_t T, int64_t H, int64_t nope, int64_t R, int64_t C, int64_t vdim) {
+                 int64_t B, int64_t T, int64_t H, int64_t nope, int64_t R, int64_t C, int64_t vdim, int64_t mode) {
     size_t es = bf16 ? 2 : 4;
     int64_t QK = nope + R, CR = C + R, S = 0;
+    if (!(mode & MLA_ATTEND)) {
+        for (int64_t b = 0; b < B; b++) mla_write(bf16, kva, normw, eps, cos, ssin, pos, cache, maxS, b, T, C, R);
+        return 0;
+    }
     for (int64_t i = 0; i < B * T; i++) S = pos[i] + 1 > S ? pos[i] + 1 : S;
     int64_t M = H * T;
     size_t nf = (size_t)(CR + M * nope + M * C + M * S + M * vdim + (M * CR + M * C) * 2);
     float *tmp = malloc(nf * sizeof(float));
     if (!tmp) return -1;
-    float *row = tmp, *qn = row + CR, *qa = qn + M * nope, *sc = qa + M * C, *yo = sc + M * S;
+    float *qn = tmp + CR, *qa = qn + M * nope, *sc = qa + M * C, *yo = sc + M * S;
     char *qcat = (char *)(yo + M * vdim), *lat = qcat + M * CR * es; /* in the compute dtype */
     float *lf = (float *)(lat + M * C * es);
     for (int64_t b = 0; b < B; b++) {
         char *cb = (char *)cache + b * maxS * CR * es;
-        for (int64_t t = 0; t < T; t++) { /* cache entries first: token t sees tokens t' < t */
-            const char *src = (const char *)kva + (b * T + t) * CR * es;
-            int64_t p = pos[b * T + t];
-            rmsnorm_row(bf16, src, normw, C, eps, cb + p * CR * es);
-            for (int64_t c = C; c < CR; c++) row[c] = get(bf16, src, c);
-            float kr[R > 0 ? R : 1];
-            rope(row + C, cos + p * R, ssin + p * R, R, kr);
-            for (int64_t r = 0; r < R; r++) put(bf16, cb + p * CR * es, C + r, kr[r]);
-        }
+        if (mode & MLA_WRITE) mla_write(bf16, kva, normw, eps, cos, ssin, pos, cache, maxS, b, T, C, R);
         /* q_cat rows (h, t): [q_nope . Wk[h] | rope(q_pe)] * scale */
         for (int64_t h = 0; h < H; h++)
             for (int64_t t = 0; t < T; t++) {
