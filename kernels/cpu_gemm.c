@@ -407,11 +407,13 @@ DEFINE_NN(f32, float, ld_f32, id_f32)
 #else
 /* ---- the same products with AVX2 intrinsics (DSV3_AVX2) ------------------------------------------ */
 
-/* nt: the semantics at the top, 16 lanes in two 8-lane halves. float32 x and w: lanes 0-7 hold
- * k = 0..7 (mod 16), lanes 8-15 k = 8..15, as in the generic code (the same bits). bfloat16 x
- * and w: a 32-bit word holds two consecutive values, so a shift gives the even ones and a mask
- * the odd ones, two operations and no shuffle for 16 values: lanes 0-7 hold k = 0, 2, .., 14 and
- * lanes 8-15 k = 1, 3, .., 15 (mod 16), each lane still a chain over its k in order. */
+/* nt with 8 lanes: each output one 8-lane accumulator, lane j summing its k in order, then the
+ * tree v[i] + v[i+4], then + [i+2], then lane 0 + lane 1, then the k tail in order. With one
+ * accumulator per output a tile of 2 rows x 4 w rows needs 6 loads for 16 fused multiply-adds
+ * (16 lanes in two accumulators: 8 for 8), which is what bounds these loops here (measured on
+ * Zen 3: 30 against 17-24 G multiply-adds/s). Which k a lane holds: float32, k = j (mod 8);
+ * bfloat16, k = 2j and 2j+1 (mod 16): a 32-bit word holds two consecutive values, so a shift
+ * gives the even ones and a mask the odd ones, two operations and no shuffle for 16 values. */
 static inline __m256 bf_even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 static inline __m256 bf_odd(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u))); }
 
@@ -425,55 +427,46 @@ static inline __m256i bf16_8(const float *p) {
     return _mm256_blendv_epi8(r, q, nan);
 }
 
-/* hsum's tree over the 16 lanes (lo: 0-7, hi: 8-15) */
-static inline float hsum2(__m256 lo, __m256 hi) {
-    __m256 a = _mm256_add_ps(lo, hi);
-    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+/* the tree over one accumulator's 8 lanes */
+static inline float hsum8(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 
-/* hsum2 of four outputs at once (the same tree, the same bits), lo/hi of output j in l[j]/h[j]:
- * the levels side by side, two outputs per 256-bit vector. Returns s0, s2 in lanes 0-1 and s1,
- * s3 in lanes 4-5. */
-static inline __m256 hsum2x4(const __m256 *l, const __m256 *h) {
-    __m256 a0 = _mm256_add_ps(l[0], h[0]), a1 = _mm256_add_ps(l[1], h[1]);
-    __m256 a2 = _mm256_add_ps(l[2], h[2]), a3 = _mm256_add_ps(l[3], h[3]);
-    __m256 x = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31)); /* b0 | b1 */
-    __m256 y = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31)); /* b2 | b3 */
-    __m256 c = _mm256_add_ps(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
-    return _mm256_add_ps(_mm256_shuffle_ps(c, c, _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(c, c, _MM_SHUFFLE(3, 1, 3, 1)));
+/* hsum8 of four accumulators at once (the same tree, the same bits): the levels side by side,
+ * two accumulators per vector -> s0, s1, s2, s3 */
+static inline __m128 hsum8x4(const __m256 *v) {
+    __m256 x = _mm256_add_ps(_mm256_permute2f128_ps(v[0], v[1], 0x20), _mm256_permute2f128_ps(v[0], v[1], 0x31));
+    __m256 y = _mm256_add_ps(_mm256_permute2f128_ps(v[2], v[3], 0x20), _mm256_permute2f128_ps(v[2], v[3], 0x31));
+    __m256 b = _mm256_add_ps(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 c = _mm256_add_ps(_mm256_shuffle_ps(b, b, _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(b, b, _MM_SHUFFLE(3, 1, 3, 1)));
+    /* lanes 0, 1: s0, s2; lanes 4, 5: s1, s3 */
+    return _mm_unpacklo_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
 }
 
-/* y[i][j] for MB rows of x by NB rows of w (constants after inlining, MB * NB <= 4: eight
- * accumulators, enough chains to keep both FMA pipes busy, with registers to spare for NB w
- * vectors in both halves, one x row's and the mask) */
+/* y[i][j] for MB rows of x by NB rows of w (constants after inlining; MB = 2 with NB <= 4, or
+ * MB = 1 with NB <= 8: eight accumulators, the rows' 16 values converted once a step) */
 #define DEFINE_NT_TILE(SUF, T, LOAD)                                                                             \
     static inline __attribute__((always_inline)) void nt_tile_##SUF(const T *x, int64_t ldx, const T *w,         \
                                                                     int64_t ldw, float *y, int64_t ldy,          \
                                                                     int64_t K, const int MB, const int NB) {     \
-        __m256 lo[4], hi[4];                                                                                     \
-        for (int i = 0; i < MB * NB; i++) lo[i] = hi[i] = _mm256_setzero_ps();                                   \
+        __m256 acc[8];                                                                                           \
+        for (int i = 0; i < MB * NB; i++) acc[i] = _mm256_setzero_ps();                                          \
         int64_t k = 0;                                                                                           \
-        for (; k + VL <= K; k += VL) {                                                                           \
-            __m256 wl[4], wh[4];                                                                                 \
-            for (int j = 0; j < NB; j++) LOAD(w + j * ldw + k, wl[j], wh[j]);                                    \
-            for (int i = 0; i < MB; i++) {                                                                       \
-                __m256 xl, xh;                                                                                   \
-                LOAD(x + i * ldx + k, xl, xh);                                                                   \
-                for (int j = 0; j < NB; j++) {                                                                   \
-                    lo[i * NB + j] = _mm256_fmadd_ps(xl, wl[j], lo[i * NB + j]);                                 \
-                    hi[i * NB + j] = _mm256_fmadd_ps(xh, wh[j], hi[i * NB + j]);                                 \
-                }                                                                                                \
+        for (; k + 16 <= K; k += 16) {                                                                           \
+            __m256 xl[2], xh[2];                                                                                 \
+            for (int i = 0; i < MB; i++) LOAD(x + i * ldx + k, xl[i], xh[i]);                                    \
+            for (int j = 0; j < NB; j++) {                                                                       \
+                __m256 wl, wh;                                                                                   \
+                LOAD(w + j * ldw + k, wl, wh);                                                                   \
+                for (int i = 0; i < MB; i++)                                                                     \
+                    acc[i * NB + j] = _mm256_fmadd_ps(xh[i], wh, _mm256_fmadd_ps(xl[i], wl, acc[i * NB + j]));   \
             }                                                                                                    \
         }                                                                                                        \
-        float sum[4];                                                                                            \
-        if (MB * NB == 4) {                                                                                      \
-            __m256 v = hsum2x4(lo, hi);                                                                          \
-            sum[0] = v[0], sum[1] = v[4], sum[2] = v[1], sum[3] = v[5];                                          \
-        } else {                                                                                                 \
-            for (int i = 0; i < MB * NB; i++) sum[i] = hsum2(lo[i], hi[i]);                                      \
-        }                                                                                                        \
+        float sum[8];                                                                                            \
+        for (int i = 0; i + 4 <= MB * NB; i += 4) _mm_storeu_ps(sum + i, hsum8x4(acc + i));                      \
+        for (int i = MB * NB / 4 * 4; i < MB * NB; i++) sum[i] = hsum8(acc[i]);                                  \
         for (int i = 0; i < MB; i++)                                                                             \
             for (int j = 0; j < NB; j++)                                                                         \
                 y[i * ldy + j] = tail_##SUF(sum[i * NB + j], x + i * ldx, w + j * ldw, k, K);                    \
@@ -486,9 +479,28 @@ static inline __m256 hsum2x4(const __m256 *l, const __m256 *h) {
     } while (0)
 DEFINE_NT_TILE(f32, float, LOAD_F32)
 DEFINE_NT_TILE(bf16, uint16_t, LOAD_BF16)
+/* each tile shape a function of its own: inlined into one loop nest, the shapes' register
+ * allocations interfered (the 1 x 8 loop spilled pointers and vectors to the stack) */
+#define NT_TILE_FN(SUF, T, MB, NB)                                                                               \
+    static __attribute__((noinline)) void nt_##SUF##_##MB##x##NB(const T *x, int64_t ldx, const T *w,          \
+                                                                 int64_t ldw, float *y, int64_t ldy, int64_t K) { \
+        nt_tile_##SUF(x, ldx, w, ldw, y, ldy, K, MB, NB);                                                        \
+    }
+#define NT_TILE_TABLE(SUF, T)                                                                                   \
+    NT_TILE_FN(SUF, T, 2, 1) NT_TILE_FN(SUF, T, 2, 2) NT_TILE_FN(SUF, T, 2, 3) NT_TILE_FN(SUF, T, 2, 4)         \
+    NT_TILE_FN(SUF, T, 1, 1) NT_TILE_FN(SUF, T, 1, 2) NT_TILE_FN(SUF, T, 1, 3) NT_TILE_FN(SUF, T, 1, 4)         \
+    NT_TILE_FN(SUF, T, 1, 5) NT_TILE_FN(SUF, T, 1, 6) NT_TILE_FN(SUF, T, 1, 7) NT_TILE_FN(SUF, T, 1, 8)         \
+    typedef void (*nt_tile_fn_##SUF)(const T *, int64_t, const T *, int64_t, float *, int64_t, int64_t);          \
+    static const nt_tile_fn_##SUF nt_tiles_##SUF[2][8] = {                                                       \
+        {nt_##SUF##_1x1, nt_##SUF##_1x2, nt_##SUF##_1x3, nt_##SUF##_1x4, nt_##SUF##_1x5, nt_##SUF##_1x6,         \
+         nt_##SUF##_1x7, nt_##SUF##_1x8},                                                                        \
+        {nt_##SUF##_2x1, nt_##SUF##_2x2, nt_##SUF##_2x3, nt_##SUF##_2x4}};
+NT_TILE_TABLE(f32, float)
+NT_TILE_TABLE(bf16, uint16_t)
 
-/* y [M,N] = x [M,K] . w [N,K]^T: rows in panels whose x stays in L2; in a panel, blocks of 4 w
- * rows (kept in L1 while the panel's rows pass), rows 2 or 1 at a time against 2 or 4 of them */
+/* y [M,N] = x [M,K] . w [N,K]^T: rows in panels whose x stays in L2; in a panel, blocks of 8 w
+ * rows (kept in L1 while the panel's rows pass), rows two at a time against 4 of them, a last
+ * odd row against all 8 */
 #define DEFINE_NT_AVX2(SUF, T)                                                                                  \
     static void nt_##SUF(const T *x, int64_t ldx, const T *w, int64_t ldw, float *y, int64_t ldy, int64_t M,    \
                          int64_t N, int64_t K) {                                                                 \
@@ -496,26 +508,14 @@ DEFINE_NT_TILE(bf16, uint16_t, LOAD_BF16)
         panel = panel < 2 ? 2 : panel;                                                                           \
         for (int64_t m0 = 0; m0 < M; m0 += panel) {                                                              \
             int64_t m1 = m0 + panel < M ? m0 + panel : M;                                                        \
-            for (int64_t n = 0; n < N; n += 4) {                                                                 \
-                int64_t nw = N - n < 4 ? N - n : 4, m = m0;                                                      \
-                const T *wn = w + n * ldw;                                                                       \
+            for (int64_t n0 = 0; n0 < N; n0 += 8) {                                                              \
+                int64_t nw = N - n0 < 8 ? N - n0 : 8, m = m0;                                                    \
                 for (; m + 2 <= m1; m += 2)                                                                      \
-                    for (int64_t j = 0; j < nw; j += 2) {                                                        \
-                        if (nw - j >= 2)                                                                         \
-                            nt_tile_##SUF(x + m * ldx, ldx, wn + j * ldw, ldw, y + m * ldy + n + j, ldy, K, 2, 2); \
-                        else                                                                                     \
-                            nt_tile_##SUF(x + m * ldx, ldx, wn + j * ldw, ldw, y + m * ldy + n + j, ldy, K, 2, 1); \
+                    for (int64_t j = 0; j < nw; j += 4) {                                                        \
+                        int64_t nb = nw - j < 4 ? nw - j : 4;                                                    \
+                        nt_tiles_##SUF[1][nb - 1](x + m * ldx, ldx, w + (n0 + j) * ldw, ldw, y + m * ldy + n0 + j, ldy, K); \
                     }                                                                                            \
-                for (; m < m1; m++) {                                                                            \
-                    const T *xm = x + m * ldx;                                                                   \
-                    float *ym = y + m * ldy + n;                                                                 \
-                    switch (nw) {                                                                                \
-                    case 4: nt_tile_##SUF(xm, ldx, wn, ldw, ym, ldy, K, 1, 4); break;                            \
-                    case 3: nt_tile_##SUF(xm, ldx, wn, ldw, ym, ldy, K, 1, 3); break;                            \
-                    case 2: nt_tile_##SUF(xm, ldx, wn, ldw, ym, ldy, K, 1, 2); break;                            \
-                    default: nt_tile_##SUF(xm, ldx, wn, ldw, ym, ldy, K, 1, 1);                                  \
-                    }                                                                                            \
-                }                                                                                                \
+                if (m < m1) nt_tiles_##SUF[0][nw - 1](x + m * ldx, ldx, w + n0 * ldw, ldw, y + m * ldy + n0, ldy, K); \
             }                                                                                                    \
         }                                                                                                        \
     }
