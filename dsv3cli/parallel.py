@@ -139,10 +139,12 @@ def c_threads(macs: int) -> int:
 
 
 def small_gemm_kernels(x: torch.Tensor, rows: int):
-    """The C kernels for a bfloat16 product of `rows` rows on the CPU (None: use torch)."""
-    if x.dtype != torch.bfloat16 or (kern := cpu_kernels(x)) is None:
+    """The C kernels for a product of `rows` rows of `x` on the CPU (None: use torch): up to
+    SMALL_ROWS rows (where they are also row-independent, unlike torch's); bfloat16 at any
+    size without bfloat16 dot products in hardware."""
+    if (kern := cpu_kernels(x)) is None:
         return None
-    return kern if rows <= SMALL_ROWS or not kern.native_bf16 else None
+    return kern if rows <= SMALL_ROWS or (x.dtype == torch.bfloat16 and not kern.native_bf16) else None
 
 
 def _c_gemm(kern, nn: bool, x, w, out, B: int, H: int, M: int, N: int, K: int, sx, sw, so) -> torch.Tensor:
@@ -152,7 +154,7 @@ def _c_gemm(kern, nn: bool, x, w, out, B: int, H: int, M: int, N: int, K: int, s
     wcol = es if nn else sw[2] * es  # bytes from one output column's weights to the next
 
     def cols(n0: int, n1: int) -> int:
-        return kern.lib.dsv3_gemm(1, int(nn), xp, wp + n0 * wcol, yp + n0 * es, B, H, M, n1 - n0, K, *sx, *sw, *so)
+        return kern.lib.dsv3_gemm(int(x.dtype == torch.bfloat16), int(nn), xp, wp + n0 * wcol, yp + n0 * es, B, H, M, n1 - n0, K, *sx, *sw, *so)
 
     if run_split(N, cols, c_threads(B * H * M * N * K), align=8):
         raise MemoryError("dsv3_gemm: out of memory for its scratch buffer")
@@ -162,10 +164,10 @@ def _c_gemm(kern, nn: bool, x, w, out, B: int, H: int, M: int, N: int, K: int, s
 def matmul_into(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, nn: bool = False) -> torch.Tensor:
     """out = x @ wᵀ (nn: x @ w) over 4-D views: x [B,H,M,K], w [B,H,N,K] (nn: [B,H,K,N]) -> out
     [B,H,M,N]; any strides (w may be expanded, stride 0) but a contiguous last dimension.
-    bfloat16 on the CPU with few rows goes through the C kernel; the rest, and the reference the
-    tests compare with, is torch.matmul."""
+    On the CPU few rows (see `small_gemm_kernels`) go through the C kernel; the rest, and the
+    reference the tests compare with, is torch.matmul."""
     B, H, M, K = x.shape
-    kern = small_gemm_kernels(x, M)
+    kern = small_gemm_kernels(x, M) if x.dtype == w.dtype == out.dtype else None
     if kern is None or x.stride(-1) != 1 or w.stride(-1) != 1 or out.stride(-1) != 1:
         return out.copy_(torch.matmul(x, w if nn else w.transpose(-1, -2)))
     N = out.shape[-1]
@@ -173,10 +175,11 @@ def matmul_into(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, nn: bool
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear; for bfloat16 on the CPU, few rows go through the C kernel, and oneDNN is used only
-    where it pays: from NATIVE_GEMM_MACS multiply-adds on (at 1 row, 256x512 is 16 us natively vs
+    """F.linear; on the CPU few rows (see `small_gemm_kernels`) go through the C kernel (float32
+    too: 1.2-1.8x torch's at decode sizes on Zen 3), and for bfloat16 oneDNN is used only where
+    it pays: from NATIVE_GEMM_MACS multiply-adds on (at 1 row, 256x512 is 16 us natively vs
     23 us; at 2 rows oneDNN wins)."""
-    if w.dtype != torch.bfloat16 or x.is_cuda:
+    if w.dtype != x.dtype or w.dtype not in (torch.bfloat16, torch.float32) or x.is_cuda:
         return F.linear(x, w)
     rows = x.numel() // max(x.shape[-1], 1)
     kern = small_gemm_kernels(x, rows)
@@ -187,6 +190,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         N, K = w.shape
         out = x.new_empty(*x.shape[:-1], N)
         return _c_gemm(kern, False, x2, w, out, 1, 1, rows, N, K, (0, 0, x2.stride(0)), (0, 0, w.stride(0)), (0, 0, N))
+    if w.dtype == torch.float32:
+        return F.linear(x, w)
     with onednn(rows * w.numel() > NATIVE_GEMM_MACS):
         return F.linear(x, w)
 

@@ -37,23 +37,25 @@ def inference():
         yield
 
 
-def _close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, msg: str) -> None:
-    """y within one bfloat16 rounding of ref (float64), plus float32 accumulation error (bound = |x| @ |w|)."""
+def _close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, msg: str, rounding: float = 2.0**-8) -> None:
+    """y within one rounding of ref (float64; bfloat16 by default), plus float32 accumulation
+    error (bound = |x| @ |w|)."""
     err = (y.double() - ref).abs()
-    tol = ref.abs() * 2.0**-8 + bound * 2.0**-18 + 1e-30
+    tol = ref.abs() * rounding + bound * 2.0**-18 + 1e-30
     assert bool((err <= tol).all()), f"{msg}: max error {err.max():.3g}, worst excess {(err - tol).max():.3g}"
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
 @pytest.mark.parametrize("K", [1, 7, 31, 32, 33, 64, 65, 96, 200, 512])
-def test_linear_few_rows_matches_float64_and_rows_and_outputs_are_independent(K):
+def test_linear_few_rows_matches_float64_and_rows_and_outputs_are_independent(K, dtype):
     g = torch.Generator().manual_seed(SEED + K)
     for M in (1, 2, 3, 4, 5, 9, SMALL_ROWS):
         for N in (1, 5, 130):
-            x = torch.randn(2, M, K, generator=g).to(BF16)[1]  # a view into a larger tensor
-            w = torch.randn(N, K, generator=g).to(BF16)
+            x = torch.randn(2, M, K, generator=g).to(dtype)[1]  # a view into a larger tensor
+            w = torch.randn(N, K, generator=g).to(dtype)
             y = linear(x, w)
-            msg = f"seed {SEED + K}, M {M} N {N} K {K}"
-            _close(y, x.double() @ w.double().T, x.double().abs() @ w.double().abs().T, msg)
+            msg = f"seed {SEED + K}, {dtype}, M {M} N {N} K {K}"
+            _close(y, x.double() @ w.double().T, x.double().abs() @ w.double().abs().T, msg, 2.0**-8 if dtype == BF16 else 2.0**-22)
             # the same bits for each row alone, and for a block of rows at another offset
             for i in range(M):
                 assert torch.equal(linear(x[i : i + 1], w), y[i : i + 1]), f"{msg}: row {i} differs alone"
