@@ -17,7 +17,10 @@ On the CPU, a forward of at most FEW_TOKENS tokens (decode, MTP verification) ru
 through the C kernels of kernels/cpu_gemm.c, each behind one method with the torch code as the
 fallback the tests compare against: the absorbed attention (`MLA._absorbed_c`), the V3 router
 (`Gate.route_c`) and the experts (`MoE.experts_c`, also for more tokens: each expert runs once
-on all its tokens); parallel.linear does the same for products of few rows.
+on all its tokens); parallel.linear does the same for products of few rows. On CPUs without
+bfloat16 dot products (AVX2 only), where torch's bfloat16 products are slow at every size, a
+bfloat16 prefill goes through them too, attention included, and its logits are then those of
+decoding its tokens one by one, bit for bit. Large calls are split across torch's thread count.
 """
 
 from __future__ import annotations
@@ -413,7 +416,12 @@ class MoE(nn.Module):
         # verification); measured on dsv3-mini (8 experts of 48x96, one core): the routed part
         # 1.6x faster than the batched path at 1 and at 2 tokens.
         self.dense_budget = 1 << 19  # multiply-adds the dense path may spend (all local experts)
+        # The C path's parts of the experts (see `experts_c`), fixed per layer so that results
+        # do not depend on the thread count or the number of tokens: several for experts large
+        # enough that reading one's weights costs more than a C call (~3 us), else one.
         I, n_local = cfg.moe_intermediate_size, self.hi - self.lo
+        self.expert_parts = min(8, n_local + 1) if 3 * I * D >= (1 << 16) and n_local > 1 else 1
+        self.part_budget = 32 << 20  # bytes of float32 part sums held at once
         if not kw.get("fp8"):
             dtype = kw["dtype"]
             self.register_buffer("w13", torch.empty(n_local, 2 * I, D, dtype=dtype), persistent=False)  # [E_local,2I,D]: gate|up
@@ -460,9 +468,15 @@ class MoE(nn.Module):
         return cpu_kernels(x) if self.w13 is not None else None
 
     def experts_c(self, kern, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, shared: bool = False) -> torch.Tensor:
-        """The same as `routed_loop` (plus the shared expert when `shared`) in one call of the C
-        kernel (cpu_gemm.c's dsv3_moe): each local expert runs once on all its tokens, with
-        float32 activations and accumulation."""
+        """The same as `routed_loop` (plus the shared expert when `shared`) through the C kernel
+        (cpu_gemm.c's dsv3_moe): each local expert runs once on all its tokens, with float32
+        activations and accumulation.
+
+        With `expert_parts` > 1 the experts are cut into that many parts (the shared expert one
+        of them) whose float32 sums are added in order, one part after the other
+        (dsv3_sum_f32): the parts run on different threads, each reading only its experts'
+        weights, and tokens are cut too where there are more threads than parts. A token's
+        result depends on neither the other tokens nor the thread count."""
         x, w, idx = x.contiguous(), w.float().contiguous(), idx.contiguous()
         y = torch.empty_like(x)
         N, K = idx.shape
@@ -471,15 +485,47 @@ class MoE(nn.Module):
         sw = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight) if se is not None else ()
         sp = [t.data_ptr() for t in sw] or [None] * 3
         Is = sw[0].shape[0] if sw else 0
-        xp, ip, wp, yp, es = x.data_ptr(), idx.data_ptr(), w.data_ptr(), y.data_ptr(), x.element_size()
+        bf16, es = int(x.dtype == torch.bfloat16), x.element_size()
+        xp, ip, wp = x.data_ptr(), idx.data_ptr(), w.data_ptr()
+        e_bytes = 3 * I * D * es  # one routed expert's weights (w13 and w2 rows)
 
-        def tokens(n0: int, n1: int) -> int:  # a token's output does not depend on the others in the call
-            return kern.lib.dsv3_moe(int(x.dtype == torch.bfloat16), xp + n0 * D * es, ip + n0 * K * 8, wp + n0 * K * 4,
-                                     self.w13.data_ptr(), self.w2.data_ptr(), yp + n0 * D * es, n1 - n0, K, D, I,
-                                     self.lo, self.hi, *sp, Is)
+        def run(t0: int, t1: int, lo: int, hi: int, with_shared: bool, out: int, f32: bool) -> int:
+            """Tokens t0..t1 through the routed experts lo..hi (and the shared one) into `out`."""
+            return kern.lib.dsv3_moe(bf16, xp + t0 * D * es, ip + t0 * K * 8, wp + t0 * K * 4,
+                                     self.w13.data_ptr() + (lo - self.lo) * 2 * I * D * es,
+                                     self.w2.data_ptr() + (lo - self.lo) * D * I * es, out, t1 - t0, K, D, I, lo, hi,
+                                     *(sp if with_shared else [None] * 3), Is if with_shared else 0, int(f32))
 
-        # One part per thread: each part reads every expert's weights.
-        if run_split(N, tokens, c_threads(N * 3 * D * (K * I + Is)), per_worker=1):
+        threads = c_threads(N * 3 * D * (K * I + Is))
+        P = self.expert_parts
+        if P == 1:  # one part: tokens across threads, one run each (each reads every expert's weights)
+            yp = y.data_ptr()
+            failed = run_split(N, lambda t0, t1: run(t0, t1, self.lo, self.hi, bool(sw), yp + t0 * D * es, False),
+                               threads, per_worker=1)
+        else:
+            # parts: the shared expert (when there is one), then the routed experts in P - 1 ranges
+            bounds = [self.lo + (self.hi - self.lo) * i // (P - 1) for i in range(P)]
+            parts = [(self.lo, self.lo, True)] if sw else []
+            parts += [(bounds[i], bounds[i + 1], False) for i in range(P - 1)]
+            chunk = max(1, min(N, self.part_budget // (len(parts) * D * 4)))  # tokens whose parts fit the budget
+            failed = 0
+            for c0 in range(0, N, chunk):
+                n = min(N, c0 + chunk) - c0
+                acc = torch.empty(len(parts), n, D, dtype=torch.float32)
+                cuts = max(1, -(-threads // len(parts)))  # token ranges per part
+                jobs = [(p, c0 + n * j // cuts, c0 + n * (j + 1) // cuts) for p in range(len(parts)) for j in range(cuts)]
+                jobs = [jb for jb in jobs if jb[2] > jb[1]]
+
+                def one(j0: int, j1: int) -> int:
+                    total = 0
+                    for p, t0, t1 in jobs[j0:j1]:
+                        lo, hi, sh = parts[p]
+                        total += run(t0, t1, lo, hi, sh, acc[p, t0 - c0].data_ptr(), True)
+                    return total
+
+                failed = failed or run_split(len(jobs), one, threads, per_worker=2)
+                kern.lib.dsv3_sum_f32(acc.data_ptr(), len(parts), n * D, y.data_ptr() + c0 * D * es, bf16)
+        if failed:
             raise MemoryError("dsv3_moe: out of memory for its scratch buffers")
         return y
 

@@ -1,9 +1,10 @@
 """Builds, loads and runs the C kernels for the CPU: `cpu_fp8.c` (FP8 dequantize / quantize) and
-`cpu_gemm.c` (small products for few-token forwards, and a MoE layer's routed experts).
+`cpu_gemm.c` (the products, attention, router and experts of model forwards).
 
 Boundary: compiling, caching and loading the shared library, and running its functions over
-whole tensors given as raw addresses, rows split across threads. No torch and no numpy here,
-so the checkpoint conversion can use the kernels without importing either. `load()` returns a
+whole tensors given as raw addresses, rows split across threads (`run_split`, on a pool kept
+for the process). No torch and no numpy here, so the checkpoint conversion can use the
+kernels without importing either. `load()` returns a
 `CpuKernels`, or None when the kernels are switched off (DSV3_CPU_KERNEL=0), there is no C
 compiler, or the build fails (the reason is printed only under DSV3_DEBUG=1); callers then
 use their torch path. `dsv3cli.fp8` owns the format, its references and the shape checks;
@@ -54,8 +55,10 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_f32_to_e4m3": (None, (_p, _p, _i64)),
     # bf16, nn, x, w, y, B, H, M, N, K, sxb, sxh, sxm, swb, swh, sw, syb, syh, sym -> 0, or -1 without memory
     "dsv3_gemm": (_i64, (ctypes.c_int, ctypes.c_int, _p, _p, _p) + (_i64,) * 14),
-    # bf16, x, idx, wt, w13, w2, y, N, K, D, I, lo, hi, sg, su, sd, Is -> 0, or -1 without memory
-    "dsv3_moe": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 6 + (_p, _p, _p, _i64)),
+    # bf16, x, idx, wt, w13, w2, y, N, K, D, I, lo, hi, sg, su, sd, Is, out_f32 -> 0, or -1 without memory
+    "dsv3_moe": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 6 + (_p, _p, _p, _i64, ctypes.c_int)),
+    # parts, P, n, y, bf16
+    "dsv3_sum_f32": (None, (_p, _i64, _i64, _p, ctypes.c_int)),
     # bf16, x, wg, bias, N, D, E, G, TG, K, norm, scale, idx, wt -> 0, or -1 without memory
     "dsv3_route": (_i64, (ctypes.c_int, _p, _p, _p) + (_i64,) * 6 + (ctypes.c_int, ctypes.c_float, _p, _p)),
     # bf16, q, kva, normw, eps, cos, ssin, pos, cache, maxS, wkv, scale, out, B, T, H, nope, R, C, vdim, mode -> 0 / -1
@@ -93,6 +96,10 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     """`threads` threads kept for the life of the process: a model forward splits a few dozen
     products, and starting threads for each would cost more than some of them."""
     return ThreadPoolExecutor(threads, thread_name_prefix="dsv3-cpu")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
 def _run(njobs: int, call: Callable[[int, int], int | None], workers: int) -> int:

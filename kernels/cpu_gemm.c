@@ -667,17 +667,18 @@ static void swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const vo
  * the weights all bfloat16 (bf16=1) or all float32; idx int64 [N,Kx]; wt float32 [N,Kx].
  * Expert by expert, its tokens gathered in groups of up to ROWS, so each weight row is read once
  * per group. The hidden activations stay float32 (rounded to bfloat16 as the input of a
- * bfloat16 product), and y accumulates in float32, rounded once at the end. Returns 0, or -1
- * when scratch memory cannot be had (y is untouched then). */
+ * bfloat16 product), and y accumulates in float32, rounded once at the end; with out_f32, y is
+ * float32 and gets the sums unrounded (a part of the experts, for dsv3_sum_f32). Returns 0, or
+ * -1 when scratch memory cannot be had (y is untouched then). */
 #define ROWS 16
 int64_t dsv3_moe(int bf16, const void *x, const int64_t *idx, const float *wt, const void *w13, const void *w2, void *y,
                  int64_t N, int64_t Kx, int64_t D, int64_t I, int64_t lo, int64_t hi, const void *sg, const void *su,
-                 const void *sd, int64_t Is) {
+                 const void *sd, int64_t Is, int out_f32) {
     size_t es = bf16 ? 2 : 4;
-    int64_t Im = sg && Is > I ? Is : I;
-    float *acc = malloc((size_t)(N * D + ROWS * (3 * Im + D)) * sizeof(float) + (size_t)ROWS * D * es);
-    if (!acc) return -1;
-    float *gu = acc + N * D, *act = gu + ROWS * 2 * Im, *out = act + ROWS * Im;
+    int64_t Im = sg && Is > I ? Is : I, nacc = out_f32 ? 0 : N * D;
+    float *buf = malloc((size_t)(nacc + ROWS * (3 * Im + D)) * sizeof(float) + (size_t)ROWS * D * es);
+    if (!buf) return -1;
+    float *acc = out_f32 ? (float *)y : buf, *gu = buf + nacc, *act = gu + ROWS * 2 * Im, *out = act + ROWS * Im;
     char *xs = (char *)(out + ROWS * D); /* the group's token rows, gathered */
     int64_t tok[ROWS];
     float scale[ROWS];
@@ -708,9 +709,22 @@ int64_t dsv3_moe(int bf16, const void *x, const int64_t *idx, const float *wt, c
                 for (int64_t d = 0; d < D; d++) acc[tok[j] * D + d] += scale[j] * out[j * D + d];
         }
     }
-    store(acc, y, bf16, N * D);
-    free(acc);
+    if (!out_f32) store(acc, y, bf16, N * D);
+    free(buf);
     return 0;
+}
+
+/* y[i] = round(parts[0][i] + parts[1][i] + ... + parts[P-1][i]), added left to right in float32
+ * (parts [P,n]; y bfloat16 when bf16=1, else float32): dsv3_moe's parts put together */
+void dsv3_sum_f32(const float *parts, int64_t P, int64_t n, void *y, int bf16) {
+    float buf[1024];
+    for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+        int64_t c = n - i0 < 1024 ? n - i0 : 1024;
+        memcpy(buf, parts + i0, (size_t)c * sizeof(float));
+        for (int64_t p = 1; p < P; p++)
+            for (int64_t i = 0; i < c; i++) buf[i] += parts[p * n + i0 + i];
+        store(buf, (char *)y + i0 * (bf16 ? 2 : 4), bf16, c);
+    }
 }
 
 /* index of the largest v[i] among allowed ones (-1 if none); ties go to the lowest index */

@@ -89,8 +89,8 @@ def test_linear_many_rows(kern):
 
 
 def test_splitting_across_threads_keeps_the_bits(monkeypatch):
-    """Products split by output columns and the experts by tokens give the bits of one thread
-    (each output is computed the same way whatever the split)."""
+    """Products split by output columns and the experts by tokens or into parts give the bits
+    of one thread (each output is computed the same way whatever the split)."""
     import dsv3cli.parallel as parallel
 
     monkeypatch.setattr(parallel, "PARALLEL_MACS", 1)  # split even these small calls
@@ -102,12 +102,16 @@ def test_splitting_across_threads_keeps_the_bits(monkeypatch):
     xe = torch.randn(37, 64, generator=g).to(BF16)
     route = m.gate.route_c(m.c_kernels(xe), xe)
     out = {}
-    for threads in (1, 3):
+    for threads in (1, 3, 8):
         torch.set_num_threads(threads)
-        out[threads] = (linear(x, w), matmul_into(xs, ws, torch.empty(2, 3, 9, 41, dtype=BF16), nn=True),
-                        m.experts_c(m.c_kernels(xe), xe, *route, shared=True))
-    for a, b, what in zip(out[1], out[3], ("linear", "matmul_into", "experts")):
-        assert torch.equal(a, b), f"seed {SEED}: {what} on 3 threads differs from 1"
+        experts = []
+        for parts in (1, 4):
+            m.expert_parts = parts
+            experts.append(m.experts_c(m.c_kernels(xe), xe, *route, shared=True))
+        out[threads] = (linear(x, w), matmul_into(xs, ws, torch.empty(2, 3, 9, 41, dtype=BF16), nn=True), *experts)
+    for threads in (3, 8):
+        for a, b, what in zip(out[1], out[threads], ("linear", "matmul_into", "experts", "experts in 4 parts")):
+            assert torch.equal(a, b), f"seed {SEED}: {what} on {threads} threads differs from 1"
 
 
 @pytest.mark.parametrize("nn", [False, True])
@@ -151,13 +155,17 @@ def _moe(dtype, D, I, E, K, world=1, rank=0, shared=0, groups=1):
     return m
 
 
+@pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
 @pytest.mark.parametrize("D,I,N", [(40, 24, 1), (96, 48, 3), (64, 33, 37), (130, 70, 20)])
-def test_moe_routed_matches_float64_loop(dtype, D, I, N):
-    """dsv3_moe against a float64 loop over (token, expert) pairs, also for one rank's experts."""
+def test_moe_routed_matches_float64_loop(dtype, D, I, N, parts, monkeypatch):
+    """dsv3_moe against a float64 loop over (token, expert) pairs, also for one rank's experts;
+    the experts in one part, or in parts added after (with part sums held for 7 tokens at a
+    time: several chunks of tokens)."""
     E, K = 6, 3
     for world, rank in [(1, 0), (2, 1)]:
         m = _moe(dtype, D, I, E, K, world, rank)
+        m.expert_parts, m.part_budget = parts, 7 * parts * D * 4
         g = torch.Generator().manual_seed(SEED + N)
         x = torch.randn(N, D, generator=g).to(dtype)
         idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
@@ -318,6 +326,8 @@ def test_prefill_equals_token_by_token_decode_bit_for_bit(kern):
     for m in model.modules():
         if hasattr(m, "score_budget"):
             m.score_budget = 3 * 40  # parts of 3 tokens at 40 positions: several parts, ragged
+        if hasattr(m, "expert_parts"):
+            m.expert_parts = 3  # the experts in parts, as large experts are
     toks = torch.randint(0, cfg.vocab_size, (2, 37), generator=g)
     full = model(toks, torch.zeros(2, dtype=torch.long))[0]  # [2,37,V]
     steps = [model(toks[:, t : t + 1], torch.tensor([t, t]))[0] for t in range(toks.shape[1])]
