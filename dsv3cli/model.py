@@ -487,7 +487,6 @@ class MoE(nn.Module):
         Is = sw[0].shape[0] if sw else 0
         bf16, es = int(x.dtype == torch.bfloat16), x.element_size()
         xp, ip, wp = x.data_ptr(), idx.data_ptr(), w.data_ptr()
-        e_bytes = 3 * I * D * es  # one routed expert's weights (w13 and w2 rows)
 
         def run(t0: int, t1: int, lo: int, hi: int, with_shared: bool, out: int, f32: bool) -> int:
             """Tokens t0..t1 through the routed experts lo..hi (and the shared one) into `out`."""
