@@ -368,18 +368,22 @@ DEFINE_NT(bf16, uint16_t)
         }                                                                                                        \
         for (int i = 0; i < MB; i++)                                                                             \
             for (int j = 0; j < NV; j++) memcpy(y + i * ldy + j * VL, &acc[i][j], sizeof(v16f));                 \
-    }                                                                                                            \
+    }
+
+/* the nn driver over tiles of COLS columns a vector, NV_MAX vectors at most: rows 4, 2, 1 at a
+ * time, the last columns one by one (each a chain over k in order, like a tile's lanes) */
+#define DEFINE_NN_DRIVER(SUF, W_T, W_F32, COLS, NV_MAX)                                                         \
     static inline __attribute__((always_inline)) void nn_rows_##SUF(const float *x, const W_T *w, int64_t ldw,   \
                                                                     float *y, int64_t ldy, int64_t N, int64_t K, \
                                                                     const int MB) {                              \
         int64_t n = 0;                                                                                           \
-        for (; n + 4 * VL <= N; n += 4 * VL) nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 4);                 \
-        switch ((N - n) / VL) {                                                                                  \
+        for (; n + NV_MAX * COLS <= N; n += NV_MAX * COLS) nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, NV_MAX); \
+        switch ((N - n) / COLS) {                                                                                \
         case 3: nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 3); break;                                       \
         case 2: nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 2); break;                                       \
         case 1: nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 1); break;                                       \
         }                                                                                                        \
-        for (n += (N - n) / VL * VL; n < N; n++)                                                                 \
+        for (n += (N - n) / COLS * COLS; n < N; n++)                                                             \
             for (int i = 0; i < MB; i++) {                                                                       \
                 float s = 0.0f;                                                                                  \
                 for (int64_t k = 0; k < K; k++) s += x[i * K + k] * W_F32(w[k * ldw + n]);                       \
@@ -397,6 +401,8 @@ DEFINE_NT(bf16, uint16_t)
 #ifndef DSV3_AVX2
 DEFINE_NN(bf16, uint16_t, ld_bf16, bf16_f32)
 DEFINE_NN(f32, float, ld_f32, id_f32)
+DEFINE_NN_DRIVER(bf16, uint16_t, bf16_f32, VL, 4)
+DEFINE_NN_DRIVER(f32, float, id_f32, VL, 4)
 #else
 /* ---- the same products with AVX2 intrinsics (DSV3_AVX2) ------------------------------------------ */
 
@@ -521,7 +527,7 @@ static inline __m256 ld8_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline __m256 ld8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
-#define DEFINE_NN_AVX2(SUF, W_T, W_F32)                                                                         \
+#define DEFINE_NN_AVX2(SUF, W_T)                                                                                 \
     static inline __attribute__((always_inline)) void nn_tile_##SUF(const float *x, int64_t K, const W_T *w,     \
                                                                     int64_t ldw, float *y, int64_t ldy,          \
                                                                     const int MB, const int NV) {                \
@@ -537,30 +543,11 @@ static inline __m256 ld8_bf16(const uint16_t *p) {
         }                                                                                                        \
         for (int i = 0; i < MB; i++)                                                                             \
             for (int j = 0; j < NV; j++) _mm256_storeu_ps(y + i * ldy + j * 8, acc[i * NV + j]);                 \
-    }                                                                                                            \
-    static inline __attribute__((always_inline)) void nn_rows_##SUF(const float *x, const W_T *w, int64_t ldw,   \
-                                                                    float *y, int64_t ldy, int64_t N, int64_t K, \
-                                                                    const int MB) {                              \
-        int64_t n = 0;                                                                                           \
-        for (; n + 24 <= N; n += 24) nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 3);                         \
-        if (N - n >= 16) nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 2), n += 16;                            \
-        if (N - n >= 8) nn_tile_##SUF(x, K, w + n, ldw, y + n, ldy, MB, 1), n += 8;                              \
-        for (; n < N; n++)                                                                                       \
-            for (int i = 0; i < MB; i++) {                                                                       \
-                float s = 0.0f;                                                                                  \
-                for (int64_t k = 0; k < K; k++) s += x[i * K + k] * W_F32(w[k * ldw + n]);                       \
-                y[i * ldy + n] = s;                                                                              \
-            }                                                                                                    \
-    }                                                                                                            \
-    static void nn_##SUF(const float *x, const W_T *w, int64_t ldw, float *y, int64_t ldy, int64_t M, int64_t N, \
-                         int64_t K) {                                                                            \
-        int64_t m = 0;                                                                                           \
-        for (; m + 4 <= M; m += 4) nn_rows_##SUF(x + m * K, w, ldw, y + m * ldy, ldy, N, K, 4);                  \
-        for (; m + 2 <= M; m += 2) nn_rows_##SUF(x + m * K, w, ldw, y + m * ldy, ldy, N, K, 2);                  \
-        for (; m < M; m++) nn_rows_##SUF(x + m * K, w, ldw, y + m * ldy, ldy, N, K, 1);                          \
     }
-DEFINE_NN_AVX2(bf16, uint16_t, bf16_f32)
-DEFINE_NN_AVX2(f32, float, id_f32)
+DEFINE_NN_AVX2(bf16, uint16_t)
+DEFINE_NN_AVX2(f32, float)
+DEFINE_NN_DRIVER(bf16, uint16_t, bf16_f32, 8, 3)
+DEFINE_NN_DRIVER(f32, float, id_f32, 8, 3)
 #endif
 
 /* x [M,K] with row stride ldx, in bfloat16 or float32 -> contiguous float32 */
