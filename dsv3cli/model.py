@@ -265,11 +265,11 @@ class MLA(nn.Module):
             failed = call(0, 0, T, B, MLA_WRITE | MLA_ATTEND)
         else:
             failed = call(0, 0, T, B, MLA_WRITE)
-            rows = max(1, min(16, self.score_budget // (self.h * at.S)))
+            threads = c_threads(B * T * at.S * self.h * (CR + self.c))
+            rows = max(1, min(16, self.score_budget // (threads * self.h * at.S)))  # the threads' scores within budget
             parts = [(b, t) for b in range(B) for t in range(0, T, rows)]
-            macs = B * T * at.S * self.h * (CR + self.c)
             failed = failed or run_split(len(parts), lambda j0, j1: sum(
-                call(b, t, min(T, t + rows), 1, MLA_ATTEND) for b, t in parts[j0:j1]), c_threads(macs))
+                call(b, t, min(T, t + rows), 1, MLA_ATTEND) for b, t in parts[j0:j1]), threads)
         if failed:
             raise MemoryError("dsv3_mla: out of memory for its scratch buffers")
         return out

@@ -325,7 +325,7 @@ def test_prefill_equals_token_by_token_decode_bit_for_bit(kern):
         p.copy_(v)
     for m in model.modules():
         if hasattr(m, "score_budget"):
-            m.score_budget = 3 * 40  # parts of 3 tokens at 40 positions: several parts, ragged
+            m.score_budget = 3 * m.h * 37  # the prefill's attention in parts of 3 tokens, the last of 1
         if hasattr(m, "expert_parts"):
             m.expert_parts = 3  # the experts in parts, as large experts are
     toks = torch.randint(0, cfg.vocab_size, (2, 37), generator=g)
