@@ -46,6 +46,7 @@ from .parallel import (
     RowParallelLinear,
     Scratch,
     VocabParallelEmbedding,
+    c_does_all_products,
     c_threads,
     cpu_kernels,
     forward_scope,
@@ -232,12 +233,11 @@ class MLA(nn.Module):
     def c_kernels(self, q: torch.Tensor, kva: torch.Tensor):
         """The C kernels when this forward's attention can run through `_absorbed_c`: the absorbed
         path, contiguous inputs, on the CPU; a few tokens (decode, MTP verification), or any
-        number where the C kernels do all the products (no bfloat16 dot products in hardware,
-        see parallel.SMALL_ROWS)."""
+        number where the C kernels do all the products (parallel.c_does_all_products)."""
         if self.impl != "absorb" or not (q.is_contiguous() and kva.is_contiguous()):
             return None
         kern = cpu_kernels(q)
-        if kern is None or (q.shape[0] * q.shape[1] > FEW_TOKENS and (kern.native_bf16 or q.dtype != torch.bfloat16)):
+        if kern is None or (q.shape[0] * q.shape[1] > FEW_TOKENS and not c_does_all_products(kern, q.dtype)):
             return None
         return kern
 

@@ -97,6 +97,12 @@ _FORWARD_KERNELS: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
 PARALLEL_MACS = 1 << 20
 
 
+def c_does_all_products(kern, dtype: torch.dtype) -> bool:
+    """Whether the C kernels `kern` take every product of this dtype, at any size: bfloat16 on a
+    CPU without bfloat16 dot products, where torch's bfloat16 products are slow at every size."""
+    return kern is not None and dtype == torch.bfloat16 and not kern.native_bf16
+
+
 @contextmanager
 def forward_scope(x: torch.Tensor, dtype: torch.dtype, fp8: bool = False) -> Iterator[None]:
     """The context of one model forward of `x` ([B,T] token ids): `few_token_gemms`, and the C
@@ -108,8 +114,7 @@ def forward_scope(x: torch.Tensor, dtype: torch.dtype, fp8: bool = False) -> Ite
     from the kernels' threads (measured, 2 cores, benchmark prefill: 164 ms with, 81 without)."""
     kern, threads = load_c_kernels(), torch.get_num_threads()
     token = _FORWARD_KERNELS.set((kern, threads))
-    one = (kern is not None and not kern.native_bf16 and threads > 1 and dtype == torch.bfloat16 and not fp8
-           and x.is_cpu and not torch.is_grad_enabled())
+    one = c_does_all_products(kern, dtype) and not fp8 and threads > 1 and x.is_cpu and not torch.is_grad_enabled()
     if one:
         torch.set_num_threads(1)
     try:
@@ -144,17 +149,17 @@ def small_gemm_kernels(x: torch.Tensor, rows: int):
     size without bfloat16 dot products in hardware."""
     if (kern := cpu_kernels(x)) is None:
         return None
-    return kern if rows <= SMALL_ROWS or (x.dtype == torch.bfloat16 and not kern.native_bf16) else None
+    return kern if rows <= SMALL_ROWS or c_does_all_products(kern, x.dtype) else None
 
 
 def _c_gemm(kern, nn: bool, x, w, out, B: int, H: int, M: int, N: int, K: int, sx, sw, so) -> torch.Tensor:
     """dsv3_gemm over the outputs' columns, split across threads when large (each output is
     computed the same way whatever the split)."""
-    xp, wp, yp, es = x.data_ptr(), w.data_ptr(), out.data_ptr(), x.element_size()
+    xp, wp, yp, es, bf16 = x.data_ptr(), w.data_ptr(), out.data_ptr(), x.element_size(), int(x.dtype == torch.bfloat16)
     wcol = es if nn else sw[2] * es  # bytes from one output column's weights to the next
 
     def cols(n0: int, n1: int) -> int:
-        return kern.lib.dsv3_gemm(int(x.dtype == torch.bfloat16), int(nn), xp, wp + n0 * wcol, yp + n0 * es, B, H, M, n1 - n0, K, *sx, *sw, *so)
+        return kern.lib.dsv3_gemm(bf16, int(nn), xp, wp + n0 * wcol, yp + n0 * es, B, H, M, n1 - n0, K, *sx, *sw, *so)
 
     if run_split(N, cols, c_threads(B * H * M * N * K), align=8):
         raise MemoryError("dsv3_gemm: out of memory for its scratch buffer")

@@ -6,8 +6,9 @@ whole tensors given as raw addresses, rows split across threads (`run_split`, on
 for the process). No torch and no numpy here, so the checkpoint conversion can use the
 kernels without importing either. `load()` returns a `CpuKernels`, or None when the kernels
 are switched off (DSV3_CPU_KERNEL=0), there is no C compiler, or the build fails (the reason
-is printed only under DSV3_DEBUG=1); callers then use their torch path. `dsv3cli.fp8` owns the format, its references and the shape checks;
-`dsv3cli.parallel` and `dsv3cli.model` call the products on tensors (`CpuKernels.lib`).
+is printed only under DSV3_DEBUG=1); callers then use their torch path. `dsv3cli.fp8` owns
+the format, its references and the shape checks; `dsv3cli.parallel` and `dsv3cli.model` call
+the products on tensors (`CpuKernels.lib`).
 
 The library (both sources) is compiled once with `$CC` (default `cc`) and `-O3 -march=native`
 into `$DSV3_CACHE/kernels` (default `~/.cache/dsv3/kernels`). Its file name carries a hash of the
