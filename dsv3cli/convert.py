@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from dsv3_kernels.cpu import load as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
+from dsv3_kernels.cpu import default as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
 
 from .checkpoint import free_bytes, human
 

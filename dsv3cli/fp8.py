@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from dsv3_kernels.cpu import default as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
 from dsv3_kernels.cpu import default_workers
-from dsv3_kernels.cpu import load as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
 
 FP8_MAX = 448.0
 BLOCK = 128
@@ -334,6 +334,7 @@ def _dequant_slow(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, out: tor
 # multiply by (s * 2**120) both restores the exponent bias and applies the scale, exactly
 # as float32(q) * s would round it.
 _BIAS = 2.0**120
+_DEFAULT = object()  # dequantize_weight's kern when not given
 _BITS_MASK = 0x87F00000 - (1 << 32)  # as int32
 
 
@@ -344,9 +345,11 @@ def dequantize_weight(
     out: torch.Tensor | None = None,
     *,
     workers: int | None = None,
+    kern=_DEFAULT,
 ) -> torch.Tensor:
     """q float8_e4m3fn [o, i], s float32 [ceil(o/128), ceil(i/128)] -> w `dtype` [o, i],
-    bit-identical to `dequantize_weight_ref`; writes into `out` when given."""
+    bit-identical to `dequantize_weight_ref`; writes into `out` when given. `kern`: the C kernels
+    to use (None: the torch path; default: the best ones unless switched off)."""
     if q.dim() != 2:
         raise ValueError(f"dequantize_weight expects a 2-D weight, got shape {tuple(q.shape)}")
     o, i = q.shape
@@ -359,8 +362,10 @@ def dequantize_weight(
     s = s.to(torch.float32).contiguous()
     if o * i == 0:
         return out
-    kern = load_c_kernels() if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) else None
-    if kern is not None:  # NaN codes and any scale included
+    if kern is _DEFAULT:
+        kern = load_c_kernels()
+    if kern is not None and q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32):  # NaN codes and any scale
+
         res = out if out.dtype == dtype and out.is_contiguous() else torch.empty(o, i, dtype=dtype)
         kern.dequantize(q.data_ptr(), s.data_ptr(), res.data_ptr(), o, i, out_f32=dtype == torch.float32, workers=workers)
         return res if res is out else out.copy_(res)

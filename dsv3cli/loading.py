@@ -18,9 +18,12 @@ from typing import Callable
 
 import torch
 
+from dsv3_kernels.cpu import enabled as cpu_kernels_enabled
+
 from .checkpoint import Checkpoint
 from .errors import DsvError
 from .model import Transformer
+from .ops import Runtime
 from .parallel import BLOCK, Dist, block_cover, split_range
 
 # How each tensor is split, by HF name (first match wins). The scale of an FP8 weight follows its
@@ -67,16 +70,22 @@ def load_model(
     ckpt_path: str | Path | Checkpoint,
     dist: Dist = Dist(),
     *,
+    runtime: Runtime | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     max_batch_size: int = 1,
     max_seq_len: int = 4096,
+    mtp: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Transformer:
     """A Transformer with this rank's share of the checkpoint's weights.
 
-    `progress(done, total)` is called after each tensor (for a progress bar).
+    `runtime` says where and how to compute (default: `device` and `dtype` with torch's thread
+    count and the C kernels unless switched off); `mtp=False` neither builds nor reads the MTP
+    module. `progress(done, total)` is called after each tensor (for a progress bar).
     """
+    if runtime is None:
+        runtime = Runtime(torch.device(device), dtype, threads=torch.get_num_threads(), kernels=cpu_kernels_enabled())
     ck = ckpt_path if isinstance(ckpt_path, Checkpoint) else Checkpoint(ckpt_path)
     cfg = ck.config
     N = cfg.num_hidden_layers
@@ -89,7 +98,7 @@ def load_model(
         qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
         cfg = cfg.replace(quantization_config=qc if fp8 else None)
 
-    model = Transformer(cfg, dist, dtype=dtype, device=device, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    model = Transformer(cfg, dist, runtime, max_batch_size=max_batch_size, max_seq_len=max_seq_len, mtp=mtp)
     if model.mtp is not None:
         model.mtp.add_own_embedding_and_head(
             embedding=ck.has(f"model.layers.{N}.embed_tokens.weight"),

@@ -1,21 +1,24 @@
-"""Builds, loads and runs the C kernels for the CPU: `cpu_fp8.c` (FP8 dequantize / quantize) and
-`cpu_gemm.c` (the products, attention, router and experts of model forwards).
+"""Builds, loads and runs the C kernels for the CPU: `cpu_fp8.c` (FP8 dequantize / quantize),
+`cpu_gemm.c` (the products) and `cpu_ops.c` (the model operations built on them: attention,
+router, experts, RMSNorm, the MTP entry), with `cpu_vec.h` shared.
 
 Boundary: compiling, caching and loading the shared library, and running its functions over
 whole tensors given as raw addresses, rows split across threads (`run_split`, on a pool kept
 for the process). No torch and no numpy here, so the checkpoint conversion can use the
-kernels without importing either. `load()` returns a `CpuKernels`, or None when the kernels
-are switched off (DSV3_CPU_KERNEL=0), there is no C compiler, or the build fails (the reason
-is printed only under DSV3_DEBUG=1); callers then use their torch path. `dsv3cli.fp8` owns
-the format, its references and the shape checks; `dsv3cli.parallel` and `dsv3cli.model` call
-the products on tensors (`CpuKernels.lib`).
+kernels without importing either. `load()` returns a `CpuKernels`, or None when there is no C
+compiler or the build fails (the reason is printed only under DSV3_DEBUG=1); callers then use
+their torch path. Whether to use the kernels at all is the caller's choice (`dsv3cli.ops.Runtime`;
+`enabled()` reads the user's DSV3_CPU_KERNEL=0 switch once for the commands). `dsv3cli.fp8` owns the
+format, its references and the shape checks; `dsv3cli.ops` calls the model's kernels on tensors.
 
-The library (both sources) is compiled once with `$CC` (default `cc`) and `-O3 -march=native`
-into `$DSV3_CACHE/kernels` (default `~/.cache/dsv3/kernels`). Its file name carries a hash of the
-sources, the compiler command, the flags and the CPU's feature flags, so a home folder shared
-by different machines never loads a build for another CPU. Two processes may build at once:
-each compiles under its own temporary name and renames the result into place (atomic), so a
-reader sees either no library or a whole one.
+Variants: the sources are built once per instruction set (`VARIANTS`: generic, avx2, avx512,
+avx512bf16), each with fixed compiler flags rather than -march=native, so a build is the same
+for every CPU of its kind and a machine can run (and test) every variant its CPU can execute.
+`load()` picks the best one the CPU's flags allow; `load(variant)` a given one. Each is
+compiled with `$CC` (default `cc`) into `$DSV3_CACHE/kernels` (default `~/.cache/dsv3/kernels`)
+under a name that carries a hash of the sources, the compiler command and the flags. Two
+processes may build at once: each compiles under its own temporary name and renames the result
+into place (atomic), so a reader sees either no library or a whole one.
 """
 
 from __future__ import annotations
@@ -35,8 +38,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-SOURCES = ("cpu_fp8.c", "cpu_gemm.c")
-FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared")
+SOURCES = ("cpu_vec.h", "cpu_fp8.c", "cpu_gemm.c", "cpu_ops.c")
+FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-Wno-psabi")
+# name: (compiler flags, /proc/cpuinfo flags the CPU needs), worst to best; x86-64 only but
+# "generic", which is the plain build elsewhere. AMX adds nothing for these products (they
+# read each weight once), so avx512bf16 is the top.
+_V4 = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
+VARIANTS = {
+    "generic": ((), ()),
+    "avx2": (("-march=x86-64-v3",), ("avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe")),
+    "avx512": (("-march=x86-64-v4",), ("avx2", "fma", "f16c", "bmi2", *_V4)),
+    "avx512bf16": (("-march=x86-64-v4", "-mavx512bf16"), ("avx2", "fma", "f16c", "bmi2", *_V4, "avx512_bf16")),
+}
 ABI = 5  # must equal dsv3_cpu_abi() in cpu_fp8.c
 # Elements per job: large enough that the per-call cost (a few microseconds) is noise, small
 # enough that threads pulling jobs end together.
@@ -137,8 +150,8 @@ class CpuKernels:
     addresses of its buffers (which must stay alive and unmoved during the call), on
     `workers` threads (default: every core; one for a small tensor)."""
 
-    def __init__(self, lib: ctypes.CDLL, path: Path):
-        self.lib, self.path = lib, path
+    def __init__(self, lib: ctypes.CDLL, path: Path, variant: str):
+        self.lib, self.path, self.variant = lib, path, variant
         # With bfloat16 dot products in hardware, torch's oneDNN products are fast too, and
         # beat ours above a few rows; without, torch's bfloat16 products run at a fraction of
         # its float32 speed (measured on Zen 3: 4.6 vs 33 G multiply-adds/s) and ours win at
@@ -173,50 +186,59 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "dsv3") / "kernels"
 
 
-def _cpu_features() -> str:
-    """The CPU's feature flags (what -march=native compiles for), from /proc/cpuinfo's first
-    processor; elsewhere the platform's description."""
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags, from /proc/cpuinfo's first processor (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key = line.split(":", 1)[0].strip()
                 if key in ("flags", "Features", "isa"):  # x86, ARM, RISC-V
-                    return line.split(":", 1)[1].strip()
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{platform.machine()} {platform.processor()}"
+    return set()
+
+
+def supported_variants() -> list[str]:
+    """The variants this CPU can execute, worst to best ("generic" always)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["generic"]
+    flags = _cpu_flags()
+    return [name for name, (_, need) in VARIANTS.items() if set(need) <= flags]
 
 
 def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CC") or "cc")
 
 
-def library_path(sources: dict[str, bytes]) -> Path:
-    key = "\0".join([" ".join(_compiler()), " ".join(FLAGS), _cpu_features(), platform.machine()])
+def _flags(variant: str) -> list[str]:
+    return [*FLAGS, *VARIANTS[variant][0]]
+
+
+def library_path(sources: dict[str, bytes], variant: str) -> Path:
+    key = "\0".join([" ".join(_compiler()), " ".join(_flags(variant)), platform.machine()])
     h = hashlib.sha256()
     for name, text in sources.items():
         h.update(name.encode() + b"\0" + text + b"\0")
     h.update(key.encode())
-    return cache_dir() / f"cpu-{h.hexdigest()[:20]}.so"
+    return cache_dir() / f"cpu-{variant}-{h.hexdigest()[:20]}.so"
 
 
-def _build(sources: dict[str, bytes], target: Path) -> None:
+def _build(sources: dict[str, bytes], target: Path, variant: str) -> None:
     """Compile `sources` to `target` through temporary names in the same folder, then rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        srcs = []
         for name, text in sources.items():
-            srcs.append(Path(tmp) / name)
-            srcs[-1].write_bytes(text)
+            (Path(tmp) / name).write_bytes(text)
         out = Path(tmp) / target.name
-        cmd = [*_compiler(), *FLAGS, *map(str, srcs), "-o", str(out)]
+        cmd = [*_compiler(), *_flags(variant), *(str(Path(tmp) / n) for n in sources if n.endswith(".c")), "-o", str(out)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
         os.replace(out, target)
 
 
-def _open(path: Path) -> CpuKernels:
+def _open(path: Path, variant: str) -> CpuKernels:
     lib = ctypes.CDLL(str(path))  # CDLL (not PyDLL) releases the GIL during each call
     lib.dsv3_cpu_abi.restype = ctypes.c_int
     if lib.dsv3_cpu_abi() != ABI:
@@ -224,29 +246,43 @@ def _open(path: Path) -> CpuKernels:
     for name, (res, args) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
-    return CpuKernels(lib, path)
+    return CpuKernels(lib, path, variant)
 
 
 @functools.lru_cache(maxsize=None)
-def _load() -> CpuKernels | None:
+def load(variant: str | None = None) -> CpuKernels | None:
+    """The kernels built for `variant` (default: the best this CPU can execute), built on first
+    use; None when there is no C compiler or the build fails. A variant the CPU cannot execute
+    is a ValueError: loading it would crash the process on its first instruction."""
+    supported = supported_variants()
+    variant = variant or supported[-1]
+    if variant not in supported:
+        raise ValueError(f"kernel variant {variant!r}: this CPU runs {', '.join(supported)}")
     try:
         sources = {name: resources.files("dsv3_kernels").joinpath(name).read_bytes() for name in SOURCES}
-        path = library_path(sources)
+        path = library_path(sources, variant)
         if path.is_file():
             try:
-                return _open(path)
+                kern = _open(path, variant)
+                _debug(f"C kernels: variant {variant} ({path})")
+                return kern
             except OSError as exc:  # damaged by something else: build it again
                 _debug(f"{path}: cannot be loaded ({exc}); rebuilding")
-        _build(sources, path)
-        return _open(path)
+        _build(sources, path, variant)
+        _debug(f"C kernels: variant {variant} ({path})")
+        return _open(path, variant)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
         _debug(f"C kernels unavailable, using the torch path: {exc}")
         return None
 
 
-def load() -> CpuKernels | None:
-    """The compiled kernels (built on first use), or None: DSV3_CPU_KERNEL=0 (read on every
-    call, so tests and benchmarks can switch), no C compiler, or a failed build."""
-    if os.environ.get("DSV3_CPU_KERNEL", "1") == "0":
-        return None
-    return _load()
+def enabled() -> bool:
+    """The user's switch: DSV3_CPU_KERNEL=0 turns the C kernels off (read by the commands once,
+    when they build their Runtime, and by the checkpoint conversion)."""
+    return os.environ.get("DSV3_CPU_KERNEL", "1") != "0"
+
+
+def default() -> CpuKernels | None:
+    """The best kernels unless the user switched them off: for code that runs outside a model
+    Runtime (the checkpoint conversion, the FP8 functions' defaults)."""
+    return load() if enabled() else None

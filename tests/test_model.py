@@ -20,6 +20,8 @@ import json
 
 import pytest
 import torch
+
+from dsv3_kernels.cpu import supported_variants
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -349,34 +351,32 @@ def test_logits_at_gives_the_full_logits_at_those_rows(mtp_setup):
             assert same(m_part, m_full[rows, at.clamp(max=T - 1)]) and torch.equal(m_h2, m_h)
 
 
-def test_mtp_entry_in_one_c_call_equals_the_steps(mtp_setup, monkeypatch):
+@pytest.mark.parametrize("variant", supported_variants())
+def test_mtp_entry_in_one_c_call_equals_the_steps(mtp_setup, variant):
     """The MTP module's entry (embedding, two norms, concat, eh_proj) through dsv3_mtp_entry gives
     the bits of the same steps one by one, and follows torch's steps (kernels off) within
     bfloat16 rounding; an id outside the vocabulary is named, not read out of bounds."""
     from dsv3cli.errors import DsvError
-    from dsv3cli.parallel import forward_scope
+    from dsv3cli.ops import Runtime
 
     big, _, folder = mtp_setup
     model = load_model(folder, Dist(), dtype=torch.bfloat16, max_batch_size=3, max_seq_len=64)
     m, embed = model.mtp, model.mtp.embed_tokens
+    c = Runtime(dtype=torch.bfloat16, variant=variant).ops(exact=True)
+    off = Runtime(dtype=torch.bfloat16, kernels=False).ops(exact=True)
+    assert c.name == "cpu" and off.name == "torch"
     g = torch.Generator().manual_seed(5)
     for B, T in ((1, 1), (1, 2), (3, 2), (2, 3)):
         ids = torch.randint(0, big.config.vocab_size, (B, T), generator=g)
         hidden = torch.randn(B, T, big.config.hidden_size, generator=g).to(torch.bfloat16)
-
-        def steps():
-            return m.eh_proj(torch.cat([m.enorm(embed(ids)), m.hnorm(hidden)], dim=-1))
-
-        with forward_scope(ids, torch.bfloat16), torch.no_grad():
-            fused, ref = m.entry(embed, ids, hidden), steps()
-        monkeypatch.setenv("DSV3_CPU_KERNEL", "0")
-        with forward_scope(ids, torch.bfloat16), torch.no_grad():
-            off = m.entry(embed, ids, hidden)  # torch's steps
-        monkeypatch.delenv("DSV3_CPU_KERNEL")
+        with torch.no_grad():
+            fused = c.mtp_entry(m, embed, ids, hidden)
+            ref = m.eh_proj(torch.cat([m.enorm(embed(ids), c), m.hnorm(hidden, c)], dim=-1), c)  # the steps, in C
+            torch_steps = off.mtp_entry(m, embed, ids, hidden)
         assert fused.shape == (B, T, big.config.hidden_size) and torch.equal(fused, ref), (B, T)
-        assert rel_err(fused, off) <= 2e-2, (B, T)
-    with forward_scope(ids, torch.bfloat16), torch.no_grad(), pytest.raises(DsvError, match="outside the vocabulary"):
-        m.entry(embed, torch.full((1, 2), big.config.vocab_size), hidden[:1, :2])
+        assert rel_err(fused, torch_steps) <= 2e-2, (B, T)
+    with torch.no_grad(), pytest.raises(DsvError, match="outside the vocabulary"):
+        c.mtp_entry(m, embed, torch.full((1, 2), big.config.vocab_size), hidden[:1, :2])
 
 
 def test_fp8_kernel_linear_computes_the_block_scaled_product():
@@ -386,7 +386,7 @@ def test_fp8_kernel_linear_computes_the_block_scaled_product():
     from dsv3_kernels.fp8 import act_quant
 
     from dsv3cli.fp8 import dequantize_weight, quantize_weight
-    from dsv3cli.parallel import fp8_linear_kernel
+    from dsv3cli.ops import fp8_linear_triton as fp8_linear_kernel
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(200, 300, generator=g) / 300**0.5  # ragged blocks on both sides

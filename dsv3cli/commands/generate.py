@@ -196,15 +196,19 @@ def run_rank(job: dict[str, Any]) -> None:
 
     from ..checkpoint import Checkpoint
     from ..generation import GenStats, Sampling, generate, make_generator
+    from dsv3_kernels.cpu import enabled as cpu_kernels_enabled
+
     from ..loading import load_model
+    from ..ops import Runtime, rank_threads
     from ..parallel import init_distributed, leave, peer_failures, resolve_dtype
 
     ckpt = Path(job["ckpt"])
     device = job["device"]
     auto = job["dtype"] == "auto"
     torch_dtype = resolve_dtype(job["dtype"], Checkpoint(ckpt).dtype("model.embed_tokens.weight") if auto else None)
-    if job.get("threads"):
-        torch.set_num_threads(job["threads"])
+    runtime = Runtime(torch.device(device), torch_dtype, threads=job.get("threads") or rank_threads(),
+                      kernels=cpu_kernels_enabled())
+    runtime.apply()
     dist = init_distributed(device)
     main = dist.rank == 0
     if not main:
@@ -213,7 +217,8 @@ def run_rank(job: dict[str, Any]) -> None:
     prompts = job.get("prompts") or []
     batch = 1 if chat else min(job["batch_size"], len(prompts))
     with peer_failures(dist):
-        model = load_model(ckpt, dist, dtype=torch_dtype, device=device, max_batch_size=batch, max_seq_len=job["max_seq_len"])
+        model = load_model(ckpt, dist, runtime=runtime, max_batch_size=batch, max_seq_len=job["max_seq_len"],
+                           mtp=job["mtp"] != 0)
         if os.environ.get(DIE_ENV) == str(dist.rank):
             os._exit(3)
         mtp = job["mtp"] if job["mtp"] is not None else (1 if model.has_mtp else 0)
