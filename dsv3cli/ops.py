@@ -224,7 +224,7 @@ class TorchOps:
         """The router: x [N,D] -> weights [N,K] float32, experts [N,K], and the experts chosen
         without the bias [N,K] when `want_nobias` (else None). noaux_tc: sigmoid scores, the
         bias for selection only, groups by the sum of their top two; V2: softmax, max-per-group."""
-        logits = self.matmul_t(x.float(), gate.weight_f32())  # [N,E]
+        logits = self.matmul_t(x.float(), self.router_weight(gate))  # [N,E]
         scores = logits.sigmoid() if gate.score_func == "sigmoid" else logits.softmax(dim=-1)
         idx = gate.select(scores, gate.e_score_correction_bias)
         nobias = gate.select(scores, None) if want_nobias and gate.e_score_correction_bias is not None else None
@@ -232,6 +232,10 @@ class TorchOps:
         if gate.norm:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return w * gate.route_scale, idx, nobias
+
+    def router_weight(self, gate: "Gate") -> torch.Tensor:
+        """The router weight in float32 (a copy kept by the gate)."""
+        return gate.weight_f32()
 
     def moe_experts(self, moe: "MoE", x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """sum_k w[n,k] expert_idx[n,k](x[n]) over this rank's experts, plus this rank's part of
@@ -247,6 +251,9 @@ class TorchOps:
                 return moe.routed_dense(x, w, idx)
             if moe.use_batched(idx.numel()):
                 return moe.routed_batched(x, w, idx)
+        return self._expert_loop(moe, x, w, idx)
+
+    def _expert_loop(self, moe: "MoE", x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         y = torch.zeros_like(x)
         counts = torch.bincount(idx.flatten(), minlength=len(moe.experts)).tolist()
         for e in range(moe.lo, moe.hi):

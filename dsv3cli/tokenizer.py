@@ -105,7 +105,7 @@ every fast path is checked against a slow, simple reference on fresh random inpu
 @functools.lru_cache(maxsize=4)
 def build_tokenizer_json(vocab_size: int, text: str = TRAINING_TEXT) -> str:
     """A byte-level BPE of at most `vocab_size` tokens (specials first), as tokenizer.json text,
-    trained on `text` (train.py passes its corpus). Deterministic: the trainer breaks ties by
+    trained on `text` (scripts/mini_train.py passes its corpus). Deterministic: the trainer breaks ties by
     pair order, and the input is fixed."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 

@@ -1,7 +1,7 @@
 """Rebuild checkpoints/dsv3-mini: train the small DeepSeek-V3-architecture model on the synthetic
 corpus (CPU, deterministic for a seed), export it in the hub layout (BF16) and validate it.
 
-Boundary: argument parsing and printing only; the work is in dsv3cli/train.py.
+Boundary: argument parsing and printing only; the work is in scripts/mini_train.py.
 
 Examples:
     python scripts/train_mini.py                                # the shipped checkpoint
@@ -19,10 +19,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def main() -> int:
-    from dsv3cli import train
+    import mini_train as train
     from dsv3cli.checkpoint import validate
 
     d = train.TrainSettings()

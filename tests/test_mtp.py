@@ -15,8 +15,11 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from dsv3_kernels.cpu import supported_variants
+from dsv3cli import ops
 from dsv3cli.generation import Sampling, generate, make_generator, probs_from_logits, sample_from, speculative_accept
 from dsv3cli.loading import load_model
+from dsv3cli.ops import Runtime
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 40]]
 MAX_SEQ = 64
@@ -143,6 +146,64 @@ def test_mtp_greedy_equals_plain_greedy(models, which):
     plain, _ = generate(model, PROMPTS, max_new_tokens=60, max_seq_len=20, mtp=0)
     out, _ = generate(model, PROMPTS, max_new_tokens=60, max_seq_len=20, mtp=3)
     assert out == plain and [len(o) for o in out] == [15, 18, 9]
+
+
+# Every backend this machine can run: each C kernel variant its CPU executes, and the torch
+# reference (kernels off); both dtypes; one and two threads.
+RUNTIMES = [(v, dt, th) for v in (*supported_variants(), None) for dt in (torch.float32, torch.bfloat16) for th in (1, 2)]
+PROMPTS4 = PROMPTS + [[20, 21, 22, 23, 24, 25, 26]]
+
+
+def _runtime_id(r) -> str:
+    v, dt, th = r
+    return f"{v or 'torch'}-{str(dt).removeprefix('torch.')}-{th}t"
+
+
+@pytest.fixture
+def split_small_calls(monkeypatch):
+    """Split even tiny C calls across the runtime's threads, so two threads really run."""
+    monkeypatch.setattr(ops, "PARALLEL_MACS", 1)
+
+
+@pytest.mark.parametrize("variant,dtype,threads", RUNTIMES, ids=map(_runtime_id, RUNTIMES))
+def test_mtp_greedy_equals_plain_greedy_on_every_backend(agree_ckpt, variant, dtype, threads, split_small_calls):
+    """K = 1, 2, 3 against K = 0 for batches of 1 to 4 on every backend: the verification forward
+    of K+1 tokens must give each row the numbers of single decode steps, whatever the other rows
+    (other sequences, at other positions, or finished ones computing garbage)."""
+    rt = Runtime(dtype=dtype, threads=threads, kernels=variant is not None, variant=variant)
+    model = load_model(agree_ckpt, runtime=rt, max_batch_size=4, max_seq_len=MAX_SEQ)
+    assert model.runtime.ops(True).name == ("torch" if variant is None else "cpu")
+    accepted = 0
+    for B in (1, 2, 3, 4):
+        prompts = PROMPTS4[:B]
+        plain, _ = generate(model, prompts, max_new_tokens=16, max_seq_len=MAX_SEQ, mtp=0)
+        for K in (1, 2, 3):
+            out, st = generate(model, prompts, max_new_tokens=16, max_seq_len=MAX_SEQ, mtp=K)
+            assert out == plain, f"{_runtime_id((variant, dtype, threads))}: K={K}, batch {B}"
+            accepted += st.to_dict()["accepted"]
+    assert accepted > 0  # drafts were accepted (and rejected: see test_mtp_greedy_equals_plain_greedy)
+
+
+@pytest.mark.parametrize("variant,dtype,threads", RUNTIMES, ids=map(_runtime_id, RUNTIMES))
+def test_verification_forward_equals_single_steps_bit_for_bit(tiny_bf16, variant, dtype, threads, split_small_calls):
+    """The property behind greedy exactness, at the forward: T tokens at once give the logits of
+    T one-token steps, bit for bit, and a row's logits do not change when another row's tokens
+    do."""
+    rt = Runtime(dtype=dtype, threads=threads, kernels=variant is not None, variant=variant)
+    model = load_model(tiny_bf16, runtime=rt, max_batch_size=3, max_seq_len=MAX_SEQ)
+    g = torch.Generator().manual_seed(11)
+    V = model.cfg.vocab_size
+    prompt = torch.randint(0, V, (3, 9), generator=g)
+    model(prompt, torch.zeros(3, dtype=torch.long))
+    starts = torch.tensor([9, 5, 7])  # ragged: rows past their prompts' ends overwrite padding
+    for T in (2, 4):
+        toks = torch.randint(0, V, (3, T), generator=g)
+        steps = torch.cat([model(toks[:, t : t + 1], starts + t)[0] for t in range(T)], dim=1)  # [3,T,V]
+        together = model(toks, starts)[0]
+        assert torch.equal(together, steps), f"{_runtime_id((variant, dtype, threads))}: T={T}"
+        other = toks.clone()
+        other[0] = torch.randint(0, V, (T,), generator=g)
+        assert torch.equal(model(other, starts)[0][1:], together[1:]), "a row depends on another row's tokens"
 
 
 def reference_acceptance(model, prompt: list[int], generated: list[int], K: int) -> list[int]:

@@ -1,12 +1,16 @@
-"""Tests of dsv3cli/train.py: the corpus, the losses, the bias update, determinism, and the export
+"""Tests of scripts/mini_train.py: the corpus, the losses, the bias update, determinism, and the export
 (validated by checkpoint.validate and loaded back by loading.load_model). Tiny shapes throughout."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from dsv3cli import train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import mini_train as train  # noqa: E402
 
 # A 2-layer model (one dense, one MoE) plus the MTP layer, small enough for a few seconds.
 SMALL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
@@ -81,7 +85,9 @@ def test_balance_loss_of_balanced_and_skewed_routing():
     """sum_i f_i P_i is 1 when every expert gets its share of tokens (whatever the scores), and
     grows when the tokens and the scores pile onto one expert."""
     from dsv3cli.model import Gate
+    from dsv3cli.ops import Runtime
 
+    ops = Runtime(dtype=torch.float32, kernels=False).ops(exact=False)
     cfg = train.mini_config(300, **SMALL)
     E, K, D = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
     gate = Gate(cfg, dtype=torch.float32)
@@ -104,7 +110,9 @@ def test_bias_update_moves_the_load_toward_balance():
     """Real routing of the model's Gate over fixed inputs that favour two experts: repeated
     updates bias_i += γ·sign(mean − load_i) bring MaxVio down."""
     from dsv3cli.model import Gate
+    from dsv3cli.ops import Runtime
 
+    ops = Runtime(dtype=torch.float32, kernels=False).ops(exact=False)
     cfg = train.mini_config(300, **dict(SMALL, n_routed_experts=8, n_group=4, topk_group=2))
     g = torch.Generator().manual_seed(0)
     gate = Gate(cfg, dtype=torch.float32)
@@ -113,7 +121,7 @@ def test_bias_update_moves_the_load_toward_balance():
     x = torch.randn(512, cfg.hidden_size, generator=g).abs()
 
     def step():
-        _, idx, _ = gate(x)
+        _, idx, _ = ops.route(gate, x)
         return train.update_bias([(gate, x, idx)], gamma=0.01)[0]
 
     before = step()

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import DsvError
+from dsv3cli.errors import DsvError
 
 # ---- corpus -----------------------------------------------------------------------------------
 
@@ -206,7 +206,7 @@ VOCAB_SIZE = 1024
 
 def mini_config(vocab_size: int = VOCAB_SIZE, **overrides) -> "ModelConfig":
     """The dsv3-mini config: the tiny preset's keys (YaRN, noaux_tc, ...) with the dims above."""
-    from .config import load_preset
+    from dsv3cli.config import load_preset
 
     base = load_preset("tiny")
     kw = dict(MINI_CONFIG, vocab_size=vocab_size, **overrides)
@@ -282,9 +282,10 @@ def build_model(cfg, batch_size: int, seq_len: int, seed: int):
     buffer: the bias update moves it, not the gradient)."""
     import torch
 
-    from .model import Transformer
+    from dsv3cli.model import Transformer
+    from dsv3cli.ops import Runtime
 
-    model = Transformer(cfg, dtype=torch.float32, max_batch_size=batch_size, max_seq_len=seq_len)
+    model = Transformer(cfg, runtime=Runtime(dtype=torch.float32, kernels=False), max_batch_size=batch_size, max_seq_len=seq_len)
     model.attn_impl = "naive"  # K/V expanded from the latent: the plain reference path
     init_weights(model, seed)
     for p in model.parameters():
@@ -292,48 +293,63 @@ def build_model(cfg, batch_size: int, seq_len: int, seed: int):
     return model
 
 
-class RouteRecorder:
-    """Forward hooks on every router (main layers and the MTP layer): its input and chosen
-    experts, for the balance loss and the bias update."""
+def _differentiable_ops(model):
+    """The torch reference backend (dsv3cli.ops.TorchOps) made differentiable and recording every
+    router call (main layers and the MTP layer: its input and chosen experts, for the balance
+    loss and the bias update). The inference reference reads a float32 copy of the router weight
+    and may run stacked expert weights in batched ops; training needs the parameters themselves."""
+    from dsv3cli.ops import TorchOps
 
-    def __init__(self, model):
-        from .model import Gate
+    class TrainOps(TorchOps):
+        name = "train"
 
-        self.gates = [m for m in model.modules() if isinstance(m, Gate)]
-        self.calls: list[tuple[object, object, object]] = []  # (gate, x [N,D], idx [N,K])
-        self.handles = [g.register_forward_hook(self._hook) for g in self.gates]
+        def __init__(self, rt):
+            super().__init__(rt, exact=False)
+            self.calls: list[tuple[object, object, object]] = []  # (gate, x [N,D], idx [N,K])
 
-    def _hook(self, gate, args, out) -> None:
-        self.calls.append((gate, args[0], out[1]))
+        def router_weight(self, gate):
+            return gate.weight.float()
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+        def route(self, gate, x, want_nobias=False):
+            w, idx, nobias = super().route(gate, x, want_nobias)
+            self.calls.append((gate, x, idx))
+            return w, idx, nobias
+
+        def _routed(self, moe, x, w, idx):
+            return self._expert_loop(moe, x, w, idx)
+
+    return TrainOps(model.runtime)
 
 
-def training_forward(model, tokens):
-    """tokens [B,T] -> (main logits [B,T,V], MTP logits [B,T-1,V]) with autograd.
-
-    model.py's forward and mtp_forward are inference entry points under torch.no_grad; their
-    undecorated bodies (`__wrapped__`) are exactly the training computation. Each step starts
-    from fresh zero caches so no autograd history leaks from the previous step through them.
-    """
+def training_forward(model, tokens, ops=None):
+    """tokens [B,T] -> (main logits [B,T,V], MTP logits [B,T-1,V]) with autograd, through the
+    model's modules with a differentiable torch backend (`_differentiable_ops`, made here when
+    `ops` is None). Each step starts from fresh zero caches so no autograd history leaks from the
+    previous step through them."""
     import torch
 
-    from .model import MLA
+    from dsv3cli.model import MLA, Block, Positions
 
     B, T = tokens.shape
+    ops = ops or _differentiable_ops(model)
     for m in model.modules():
         if isinstance(m, MLA):
-            for name, buf in list(m.named_buffers(recurse=False)):
-                if name.endswith("cache"):
-                    setattr(m, name, torch.zeros_like(buf))
-    start = torch.zeros(B, dtype=torch.long)
-    forward = getattr(type(model).forward, "__wrapped__", type(model).forward)
-    mtp_forward = getattr(type(model).mtp_forward, "__wrapped__", type(model).mtp_forward)
-    logits, hidden = forward(model, tokens, start)  # [B,T,V], [B,T,D]
+            m.kv_cache = torch.zeros_like(m.kv_cache)
+    pos = torch.arange(T).expand(B, T)
+
+    def at(n: int) -> Positions:
+        return Positions(pos[:, :n], n, model.rope_cos, model.rope_sin, model.max_seq_len, ops)
+
+    h = model.embed_tokens(tokens)  # [B,T,D]
+    for layer in model.layers:
+        h = layer(h, at(T))
+    hidden = model.norm(h, ops)  # [B,T,D]
+    logits = model.lm_head(hidden, ops)
     # MTP at position i: h_i (final-normed) with t_{i+1}, predicting t_{i+2}.
-    mtp_logits, _ = mtp_forward(model, hidden[:, :-1], tokens[:, 1:], start)  # [B,T-1,V]
+    m = model.mtp
+    x = ops.mtp_entry(m, m.embed_tokens or model.embed_tokens, tokens[:, 1:], hidden[:, :-1])
+    x = Block.forward(m, x, at(T - 1))
+    mtp_logits = (m.shared_head.head or model.lm_head)(m.shared_head.norm(x, ops), ops)  # [B,T-1,V]
     return logits, mtp_logits
 
 
@@ -443,7 +459,7 @@ def _train(s: TrainSettings, tokenizer_dir, log) -> TrainResult:
     import torch
     import torch.nn.functional as F
 
-    from .tokenizer import load_tokenizer, write_tokenizer_files
+    from dsv3cli.tokenizer import load_tokenizer, write_tokenizer_files
 
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
@@ -454,7 +470,7 @@ def _train(s: TrainSettings, tokenizer_dir, log) -> TrainResult:
     stream = encode_documents(tok, corpus_documents(s.seed + 1, s.n_docs))
     cfg = mini_config(tok.vocab_size, **s.config)
     model = build_model(cfg, s.batch_size, s.seq_len, s.seed)
-    rec = RouteRecorder(model)
+    rec = _differentiable_ops(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith("embed_tokens.weight")]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.endswith("embed_tokens.weight"))]
     opt = torch.optim.AdamW(
@@ -467,7 +483,7 @@ def _train(s: TrainSettings, tokenizer_dir, log) -> TrainResult:
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, s)
         rec.calls.clear()
-        logits, mtp_logits = training_forward(model, batch)  # [B,T,V], [B,T-1,V]
+        logits, mtp_logits = training_forward(model, batch, rec)  # [B,T,V], [B,T-1,V]
         V = logits.shape[-1]
         main = F.cross_entropy(logits[:, :-1].reshape(-1, V), batch[:, 1:].reshape(-1))
         mtp = F.cross_entropy(mtp_logits[:, :-1].reshape(-1, V), batch[:, 2:].reshape(-1))
@@ -484,7 +500,6 @@ def _train(s: TrainSettings, tokenizer_dir, log) -> TrainResult:
         history.append(row)
         if log is not None:
             log(row)
-    rec.remove()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -499,8 +514,8 @@ def hub_tensors(model) -> dict[str, "torch.Tensor"]:
     the head (shared in training, stored separately on the hub)."""
     import torch
 
-    from .checkpoint import expected_shapes
-    from .loading import hf_name
+    from dsv3cli.checkpoint import expected_shapes
+    from dsv3cli.loading import hf_name
 
     cfg = model.cfg
     N = cfg.num_hidden_layers
@@ -528,7 +543,7 @@ def export(model, out, s: TrainSettings, shards: int = 2) -> int:
     bytes of tensor data."""
     from pathlib import Path
 
-    from .tiny import write_checkpoint
+    from dsv3cli.tiny import write_checkpoint
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -563,9 +578,9 @@ def measure_mtp(ckpt, *, ks=(0, 1), max_new_tokens: int = 160, repeats: int = 3,
 
 
 def _measure_mtp(ckpt, ks, max_new_tokens, repeats, dtype, prompts) -> dict:
-    from .generation import GenStats, generate
-    from .loading import load_model
-    from .tokenizer import load_tokenizer
+    from dsv3cli.generation import GenStats, generate
+    from dsv3cli.loading import load_model
+    from dsv3cli.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ckpt)
     model = load_model(ckpt, dtype=dtype, max_seq_len=512)
