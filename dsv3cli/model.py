@@ -291,7 +291,7 @@ class MoE(nn.Module):
         # verification); measured on dsv3-mini (8 experts of 48x96, one core): the routed part
         # 1.6x faster than the batched path at 1 and at 2 tokens.
         self.dense_budget = 1 << 19  # multiply-adds the dense path may spend (all local experts)
-        # The C path's parts of the experts (see `experts_c`), fixed per layer so that results
+        # The C path's parts of the experts (see ops.CpuOps.moe_experts), fixed per layer so that results
         # do not depend on the thread count or the number of tokens: several for experts large
         # enough that reading one's weights costs more than a C call (~3 us), else one.
         I, n_local = cfg.moe_intermediate_size, self.hi - self.lo
