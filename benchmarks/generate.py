@@ -8,8 +8,9 @@ dtype, same threads, batch 1:
     (target <= 1.2 x disk + 300 MB).
 Prints the numbers and the ratios.
 
-  python benchmarks/generate.py                      # bfloat16, all cores
+  python benchmarks/generate.py                      # bfloat16, all cores, the best C kernels
   python benchmarks/generate.py --dtype float32 --threads 1 --prompt-len 256 --new-tokens 64
+  python benchmarks/generate.py --variant generic    # another C kernel build this CPU runs
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolv
 
 import torch  # noqa: E402
 
-from dsv3_kernels.cpu import load as load_c_kernels  # noqa: E402
+from dsv3_kernels.cpu import enabled as cpu_kernels_enabled  # noqa: E402
+from dsv3_kernels.cpu import supported_variants  # noqa: E402
 from dsv3cli.config import load_preset  # noqa: E402
 from dsv3cli.generation import generate  # noqa: E402
 from dsv3cli.loading import load_model  # noqa: E402
+from dsv3cli.ops import Runtime  # noqa: E402
 from dsv3cli.tiny import make_tiny  # noqa: E402
 
 BENCH_DIMS = dict(
@@ -49,8 +52,9 @@ def config(dims: dict):
     return cfg.replace(raw=raw, **dims)
 
 
-def ours(ckpt: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int) -> tuple[float, float, list[int]]:
-    model = load_model(ckpt, dtype=dtype, max_batch_size=1, max_seq_len=len(prompt) + n + 8)
+def ours(ckpt: Path, runtime: Runtime, prompt: list[int], n: int, repeats: int) -> tuple[float, float, list[int]]:
+    runtime.apply()
+    model = load_model(ckpt, runtime=runtime, max_batch_size=1, max_seq_len=len(prompt) + n + 8)
     generate(model, [prompt[:16]], max_new_tokens=4, max_seq_len=len(prompt) + n + 8)  # warm-up
     best_p, best_d, out = 0.0, 0.0, []
     for _ in range(repeats):
@@ -60,9 +64,11 @@ def ours(ckpt: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int
     return best_p, best_d, out[0]
 
 
-def theirs(ckpt: Path, dtype: torch.dtype, prompt: list[int], n: int, repeats: int) -> tuple[float, float, list[int]]:
+def theirs(ckpt: Path, dtype: torch.dtype, threads: int, prompt: list[int], n: int,
+           repeats: int) -> tuple[float, float, list[int]]:
     from transformers import DeepseekV3ForCausalLM
 
+    torch.set_num_threads(threads)  # all of them: ours may have left torch one (see Runtime.torch_threads)
     model = DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
     ids = torch.tensor([prompt])
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -110,11 +116,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variant", default=None, choices=supported_variants(),
+                    help="The C kernel build to run (default: the best this CPU runs).")
     ap.add_argument("--workdir", type=Path, default=None, help="Keep the checkpoints here (default: a temp folder).")
     ap.add_argument("--skip-rss", action="store_true")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
+    runtime = Runtime(torch.device("cpu"), dtype, threads=a.threads, kernels=cpu_kernels_enabled(), variant=a.variant)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="dsv3-bench-"))
     ckpt = work / "bench_bf16"
     if not (ckpt / "model.safetensors.index.json").exists():
@@ -123,12 +131,13 @@ def main() -> None:
     prompt = torch.randint(5, BENCH_DIMS["vocab_size"], (a.prompt_len,), generator=g).tolist()
     print(f"checkpoint {ckpt} ({json.dumps(BENCH_DIMS)})")
     print(f"dtype {a.dtype}, threads {a.threads}, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, batch 1, best of {a.repeats}")
-    kern = load_c_kernels()
-    print("C kernels: " + ("off (DSV3_CPU_KERNEL=0 or no compiler)" if kern is None else
-                           "bfloat16 dot products in hardware" if kern.native_bf16 else "no bfloat16 dot products (AVX2 or generic)"))
+    kern = runtime.cpu
+    note = (" (DSV3_CPU_KERNEL=0 or no compiler)" if kern is None
+            else f", bfloat16 dot products in hardware: {'yes' if kern.native_bf16 else 'no'}")
+    print(f"dsv3 runs on: {runtime.describe()}{note}")
 
-    op, od, otoks = ours(ckpt, dtype, prompt, a.new_tokens, a.repeats)
-    tp, td, ttoks = theirs(ckpt, dtype, prompt, a.new_tokens, a.repeats)
+    op, od, otoks = ours(ckpt, runtime, prompt, a.new_tokens, a.repeats)
+    tp, td, ttoks = theirs(ckpt, dtype, a.threads, prompt, a.new_tokens, a.repeats)
     same = next((i for i, (x, y) in enumerate(zip(otoks, ttoks)) if x != y), len(otoks))
     print(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13}")
     print(f"{'dsv3':10} {op:14.1f} {od:13.1f}")

@@ -22,8 +22,10 @@ sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolv
 
 import torch  # noqa: E402
 
+from dsv3_kernels.cpu import enabled as cpu_kernels_enabled  # noqa: E402
 from dsv3cli.generation import GenStats, Sampling, generate, make_generator  # noqa: E402
 from dsv3cli.loading import load_model  # noqa: E402
+from dsv3cli.ops import Runtime  # noqa: E402
 
 DEFAULT_PROMPTS = [
     "The harbour was quiet before dawn.",
@@ -61,14 +63,15 @@ def main() -> None:
     ap.add_argument("--chat", action="store_true", help="Apply the chat template to the prompts.")
     ap.add_argument("--repeats", type=int, default=2, help="Best decode speed of this many runs per K.")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    runtime = Runtime(torch.device("cpu"), getattr(torch, a.dtype), threads=a.threads, kernels=cpu_kernels_enabled())
+    runtime.apply()
     ks = [int(k) for k in a.ks.split(",")]
     if ks[0] != 0:
         ks = [0] + ks
     texts = a.prompts.read_text().splitlines() if a.prompts else DEFAULT_PROMPTS
     texts = [t for t in texts if t.strip()]
     max_seq = 1024
-    model = load_model(a.ckpt, dtype=getattr(torch, a.dtype), max_batch_size=a.batch_size, max_seq_len=max_seq)
+    model = load_model(a.ckpt, runtime=runtime, max_batch_size=a.batch_size, max_seq_len=max_seq)
     if not model.has_mtp:
         sys.exit(f"{a.ckpt}: no MTP layer; nothing to benchmark")
     prompts = prompts_ids(a.ckpt, texts, a.chat, model.cfg.vocab_size)
@@ -76,8 +79,8 @@ def main() -> None:
     batches = [prompts[i : i + a.batch_size] for i in range(0, len(prompts), a.batch_size)]
     generate(model, batches[0], max_new_tokens=8, max_seq_len=max_seq, mtp=max(ks))  # warm-up
 
-    print(f"{a.ckpt}: {len(prompts)} prompts, batch {a.batch_size}, {a.new_tokens} new tokens, {a.dtype}, "
-          f"{a.threads} threads, temperature {a.temperature}")
+    print(f"{a.ckpt}: {len(prompts)} prompts, batch {a.batch_size}, {a.new_tokens} new tokens, "
+          f"temperature {a.temperature}; {runtime.describe()}")
     print(f"{'K':>2} {'accepted per position':>28} {'tok/forward':>11} {'decode tok/s':>12} {'speedup':>8} {'same as K=0':>12}")
     # Repeats go round-robin over K, so a burst of load on a shared machine hits every K alike.
     best: dict[int, float] = {K: 0.0 for K in ks}

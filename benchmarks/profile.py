@@ -18,8 +18,11 @@ import time
 
 import torch
 
+from dsv3_kernels.cpu import enabled as cpu_kernels_enabled
 from dsv3cli.config import load_preset
 from dsv3cli.model import Transformer
+from dsv3cli.ops import Runtime
+from dsv3cli.parallel import Dist
 from dsv3cli.profiling import profile_tokens
 
 
@@ -37,12 +40,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs)")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
-    if not cuda:
-        torch.set_num_threads(args.threads)
 
     # the CPU has no fast bfloat16 matmul; float32 is what a CPU run would use
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, args.dtype)
+    runtime = Runtime(torch.device(args.device), dtype, threads=args.threads, kernels=cpu_kernels_enabled())
+    if not cuda:
+        runtime.apply()
     T = args.tokens // args.batch
     cfg = load_preset("tiny").replace(
         hidden_size=args.hidden, moe_intermediate_size=args.hidden // 2, intermediate_size=args.hidden * 2,
@@ -52,7 +56,7 @@ def main() -> None:
         vocab_size=8192, num_nextn_predict_layers=0,
     )
     torch.manual_seed(0)
-    model = Transformer(cfg, dtype=dtype, device=args.device, max_batch_size=args.batch, max_seq_len=T)
+    model = Transformer(cfg, Dist(), runtime, max_batch_size=args.batch, max_seq_len=T)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 0.02) if p.dim() >= 2 else p.fill_(1.0)
@@ -97,7 +101,7 @@ def main() -> None:
     # best-of-N is the primary figure (other load only ever adds time); the medians are shown too
     b, p = min(base), min(prof)
     bm, pm = statistics.median(base), statistics.median(prof)
-    print(f"clock: {'wall' if cuda else f'process CPU time, {torch.get_num_threads()} thread(s)'}")
+    print(f"clock: {'wall' if cuda else 'process CPU time'}; {runtime.describe()}")
     print(f"device {args.device}, {args.dtype}, {args.batch}x{T} tokens, hidden {args.hidden}, "
           f"{args.experts} experts top-8, {len(cfg.moe_layers)} MoE layers, compare_bias={args.compare_bias}")
     print(f"prefill without profiling: best {b * 1e3:.1f} ms, median {bm * 1e3:.1f} ms ({args.repeats} runs)")

@@ -1,11 +1,13 @@
 """The fused C kernels (dsv3_kernels.cpu) bit for bit against the float64 references in
 dsv3cli.fp8 and against the torch paths they replace, on fresh random inputs (the seed is in
-every failure message); and the build: cache key, concurrent builds, no compiler.
-Skipped, with the reason, where the kernels cannot be built."""
+every failure message), for each variant this CPU can execute; and the build: cache key,
+concurrent builds, no compiler, the user's switch. Skipped, with the reason, where the kernels
+cannot be built."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +22,24 @@ cpu = pytest.importorskip("dsv3_kernels.cpu", reason="dsv3_kernels is not import
 E4M3 = torch.float8_e4m3fn
 SEED = int.from_bytes(os.urandom(4), "little")
 SHAPES = [(300, 200), (128, 576), (1, 7), (257, 130), (0, 5), (5, 0)]
+NO_BUILD = "the C kernels could not be built here (no C compiler?); DSV3_DEBUG=1 says why"
 
 
 @pytest.fixture(scope="module")
-def kern():
-    k = cpu.load()
+def built():
+    if cpu.load() is None:
+        pytest.skip(NO_BUILD)
+
+
+@pytest.fixture(params=cpu.supported_variants())
+def kern(request, monkeypatch):
+    """Each variant's kernels, which dsv3cli.fp8's fast paths then run (their default is the
+    best variant)."""
+    k = cpu.load(request.param)
     if k is None:
-        pytest.skip("the C kernels could not be built here (no C compiler?); DSV3_DEBUG=1 says why")
+        pytest.skip(NO_BUILD)
+    assert k.variant == request.param
+    monkeypatch.setattr(fp8, "load_c_kernels", lambda: k)
     return k
 
 
@@ -46,7 +59,9 @@ def _weight(shape, seed, dtype):
 
 
 def _torch_path(monkeypatch, fn, *args, **kwargs):
+    """fn as the user's switch DSV3_CPU_KERNEL=0 runs it (fp8's default kernels: cpu.default)."""
     with monkeypatch.context() as m:
+        m.setattr(fp8, "load_c_kernels", cpu.default)
         m.setenv("DSV3_CPU_KERNEL", "0")
         assert fp8.load_c_kernels() is None
         return fn(*args, **kwargs)
@@ -192,7 +207,9 @@ def _env(tmp: Path, **extra) -> dict:
     return {**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "DSV3_CACHE": str(tmp / "cache"), **extra}
 
 
-def test_concurrent_builds_and_cache_key(kern, tmp_path, monkeypatch):
+def test_concurrent_builds_and_cache_key(built, tmp_path, monkeypatch):
+    """Three processes building the best variant at once: one whole library, named for its
+    variant and hash, no temporaries left; a damaged one is rebuilt."""
     env = _env(tmp_path, DSV3_DEBUG="1")
     procs = [subprocess.Popen([sys.executable, "-c", _LOAD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=tmp_path) for _ in range(3)]
@@ -201,15 +218,22 @@ def test_concurrent_builds_and_cache_key(kern, tmp_path, monkeypatch):
     assert len(paths) == 1 and "NONE" not in paths, outs
     built = Path(paths.pop())
     assert built.parent == tmp_path / "cache" / "kernels" and built.is_file()
+    assert re.fullmatch(rf"cpu-{cpu.supported_variants()[-1]}-[0-9a-f]{{20}}\.so", built.name), built.name
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporaries left behind
     built.write_bytes(b"not a library")  # damaged: rebuilt, not given up on
     p = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.stdout.strip() == str(built) and "rebuilding" in p.stderr and built.read_bytes() != b"not a library", p.stderr
-    # the name changes with the source and with the compiler command
-    plain = cpu.library_path({"a.c": b"int x;"})
-    assert plain != cpu.library_path({"a.c": b"int y;"})
+    # the name changes with the source, the variant and the compiler command, not with the
+    # CPU it is built on (each variant has fixed flags)
+    plain = cpu.library_path({"a.c": b"int x;"}, "generic")
+    assert plain.name.startswith("cpu-generic-")
+    assert plain != cpu.library_path({"a.c": b"int y;"}, "generic")
+    assert cpu.library_path({"a.c": b"int x;"}, "avx2").name.startswith("cpu-avx2-")
+    assert cpu.library_path({"a.c": b"int x;"}, "avx2").name[-23:] != plain.name[-23:]
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert cpu.library_path({"a.c": b"int x;"}, "generic") == plain
     monkeypatch.setenv("CC", "cc -DSOMETHING")
-    assert cpu.library_path({"a.c": b"int x;"}) != plain
+    assert cpu.library_path({"a.c": b"int x;"}, "generic") != plain
 
 
 def test_no_compiler_or_switched_off_means_torch_path(tmp_path, monkeypatch):
@@ -220,8 +244,14 @@ def test_no_compiler_or_switched_off_means_torch_path(tmp_path, monkeypatch):
     p = subprocess.run([sys.executable, "-c", _LOAD], env=_env(tmp_path, CC=missing),
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.stdout.strip() == "NONE" and p.stderr == "", p.stderr  # quiet unless asked
+    # the user's switch: read by cpu.enabled() and cpu.default() (fp8's kernels), not by load()
+    monkeypatch.delenv("DSV3_CPU_KERNEL", raising=False)
+    best = cpu.load()
+    assert fp8.load_c_kernels is cpu.default and cpu.enabled() and cpu.default() is best
     monkeypatch.setenv("DSV3_CPU_KERNEL", "0")
-    assert cpu.load() is None and fp8.load_c_kernels() is None
+    assert not cpu.enabled() and cpu.default() is None and fp8.load_c_kernels() is None
+    fresh = cpu.load.__wrapped__()  # not the cached result: load() itself ignores the switch
+    assert (fresh is None) == (best is None) and (best is None or fresh.variant == best.variant)
     w = _weight((130, 140), SEED, torch.bfloat16)
     q, s = fp8.quantize_weight(w)  # the torch path still gives the format
     qr, sr = fp8.quantize_weight_ref(w)

@@ -464,12 +464,18 @@ def _moe(cfg, dtype, dist, seed):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_batched_and_dense_experts_equal_the_expert_loop(dtype, tol):
-    """The batched and the dense small-N expert paths against the per-expert loop and a float64
-    loop, on fresh random inputs at ragged token counts, also for one rank's slice of the experts
-    (world 2), and the switch back to the loop when the weights would exceed the budgets."""
+    """The batched and the dense small-N expert paths against the per-expert loop (the torch
+    reference of an exact forward: one expert, one token at a time) and a float64 loop, on fresh
+    random inputs at ragged token counts, also for one rank's slice of the experts (world 2), and
+    the switch back to the loop when the weights would exceed the budgets."""
     from dsv3cli.config import load_preset
+    from dsv3cli.ops import Runtime
 
-    cfg = load_preset("tiny").replace(moe_intermediate_size=40, hidden_size=72)  # not multiples of 128
+    # not multiples of 128; no shared expert: the backends' experts are then the routed ones alone
+    cfg = load_preset("tiny").replace(moe_intermediate_size=40, hidden_size=72, n_shared_experts=0)
+    ops, loop_ops = Runtime(dtype=dtype, kernels=False).ops(False), Runtime(dtype=dtype, kernels=False).ops(True)
+    ops64 = Runtime(dtype=torch.float64, kernels=False).ops(True)
+    assert ops.name == loop_ops.name == ops64.name == "torch" and loop_ops.exact
     for rank, world in [(0, 1), (1, 2)]:
         dist = Dist(rank=rank, world_size=world)
         moe, ref = _moe(cfg, dtype, dist, 7 + rank), _moe(cfg, torch.float64, dist, 7 + rank)
@@ -479,13 +485,13 @@ def test_batched_and_dense_experts_equal_the_expert_loop(dtype, tol):
         g = torch.Generator().manual_seed(rank)
         for n in (1, 2, 3, 5, 11):
             x = torch.randn(n, cfg.hidden_size, generator=g).to(dtype)
-            w, idx, _ = moe.gate(x)
             with torch.no_grad():
+                w, idx, _ = ops.route(moe.gate, x)
                 assert moe.use_batched(idx.numel())
                 fast = moe.routed_batched(x, w, idx)
                 dense = moe.routed_dense(x, w, idx)
-                loop = moe.routed_loop(x, w, idx)
-                exact = ref.routed_loop(x.double(), w.double(), idx)
+                loop = loop_ops.moe_experts(moe, x, w, idx)
+                exact = ops64.moe_experts(ref, x.double(), w.double(), idx)
             for y in (fast, dense):
                 assert y.dtype == dtype and y.shape == x.shape
                 assert rel_err(y, exact) <= tol
@@ -497,29 +503,32 @@ def test_batched_and_dense_experts_equal_the_expert_loop(dtype, tol):
             assert rel_err(loop, exact) <= tol
         per_token = moe.w13.shape[0] * (moe.w13[0].numel() + moe.w2[0].numel())
         moe.gather_budget, moe.dense_budget = 0, 2 * per_token
-        with torch.no_grad():
-            assert not moe.use_batched(1)
-            assert moe.use_dense(2) and not moe.use_dense(3)
-        fresh = _moe(cfg.replace(), dtype, dist, 0)
-        assert not fresh.use_batched(1) and not fresh.use_dense(1)  # grad mode on: loop (training)
+        assert not moe.use_batched(1)
+        assert moe.use_dense(2) and not moe.use_dense(3)
 
 
 def test_router_float32_copy_is_made_once_and_follows_the_weight():
     from dsv3cli.config import load_preset
     from dsv3cli.model import Gate
+    from dsv3cli.ops import Runtime, TorchOps
+
+    class Uncached(TorchOps):  # the router on a fresh conversion of the weight per call
+        def router_weight(self, gate):
+            return gate.weight.float()
 
     cfg = load_preset("tiny")
     gate = Gate(cfg, dtype=torch.bfloat16)
+    rt = Runtime(dtype=torch.bfloat16, kernels=False)
+    ops = rt.ops(False)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         gate.weight.copy_(torch.randn(gate.weight.shape, generator=g))
         x = torch.randn(5, cfg.hidden_size, generator=g).to(torch.bfloat16)
-        first = gate(x)
+        first = ops.route(gate, x)
         kept = gate.weight_f32()
         assert kept is gate.weight_f32() and torch.equal(kept, gate.weight.float())
-        with torch.enable_grad():
-            ref = gate(x)  # the uncached conversion
+        ref = Uncached(rt, False).route(gate, x)
         assert all(torch.equal(a, b) for a, b in zip(first[:2], ref[:2]))
         gate.weight.mul_(-1)  # an in-place change (as loading does) must not leave a stale copy
         assert torch.equal(gate.weight_f32(), gate.weight.float())
-        assert not torch.equal(gate(x)[1], first[1])
+        assert not torch.equal(ops.route(gate, x)[1], first[1])

@@ -167,26 +167,27 @@ def test_init_distributed_reads_torchrun_env(monkeypatch):
 
 
 @pytest.mark.parametrize("rows,out,inp", [(1, 64, 96), (2, 256, 512), (3, 5, 7), (1, 1536, 512), (40, 33, 130)])
-def test_linear_agrees_with_float64_on_both_gemm_paths(rows, out, inp):
-    """`linear` (oneDNN off for small bfloat16 products) against a float64 product, at ragged
-    shapes on both sides of NATIVE_GEMM_MACS; the oneDNN switch is restored afterwards."""
-    from dsv3cli.parallel import few_token_gemms, linear, onednn
+def test_linear_agrees_with_float64_on_every_backend(rows, out, inp):
+    """A bfloat16 Linear through every backend this CPU runs (torch and each C variant, in a
+    prefill and in an exact forward) against a float64 product, at ragged shapes on both sides
+    of ops.SMALL_ROWS (32); none of them changes torch's settings (oneDNN stays as it was)."""
+    from dsv3_kernels.cpu import supported_variants
+    from dsv3cli.ops import Runtime
+    from dsv3cli.parallel import Linear
 
     g = torch.Generator().manual_seed(rows * out + inp)
     x = torch.randn(rows, inp, generator=g).to(torch.bfloat16)
-    w = (torch.randn(out, inp, generator=g) / inp**0.5).to(torch.bfloat16)
-    exact = x.double() @ w.double().t()
+    lin = Linear(inp, out, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_((torch.randn(out, inp, generator=g) / inp**0.5).to(torch.bfloat16))
+    exact = x.double() @ lin.weight.double().t()
     before = torch.backends.mkldnn.enabled
-    for state in (True, False):  # inside and outside a few-token forward
-        with onednn(state):
-            y = linear(x, w)
-            assert torch.backends.mkldnn.enabled == state
-        assert y.dtype == torch.bfloat16
-        assert ((y.double() - exact).norm() / exact.norm()).item() < 1e-2
-    assert torch.backends.mkldnn.enabled == before
-    with few_token_gemms(torch.zeros(1, 2, dtype=torch.long), torch.bfloat16):
-        assert not torch.backends.mkldnn.enabled
-    with few_token_gemms(torch.zeros(1, 5, dtype=torch.long), torch.bfloat16):
-        assert torch.backends.mkldnn.enabled == before
-    with few_token_gemms(torch.zeros(1, 1, dtype=torch.long), torch.float32):
-        assert torch.backends.mkldnn.enabled == before
+    runtimes = [Runtime(dtype=torch.bfloat16, kernels=False)]
+    runtimes += [Runtime(dtype=torch.bfloat16, variant=v) for v in supported_variants()]
+    for rt in runtimes:
+        for ops in (rt.ops(False), rt.ops(True)):
+            y = lin(x, ops)
+            assert y.dtype == torch.bfloat16 and y.shape == (rows, out)
+            err = ((y.double() - exact).norm() / exact.norm()).item()
+            assert err < 1e-2, f"{rt.describe()}, exact {ops.exact}: relative error {err:.3g}"
+            assert torch.backends.mkldnn.enabled == before
