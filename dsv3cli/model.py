@@ -295,6 +295,7 @@ class MoE(nn.Module):
         # do not depend on the thread count or the number of tokens: several for experts large
         # enough that reading one's weights costs more than a C call (~3 us), else one.
         I, n_local = cfg.moe_intermediate_size, self.hi - self.lo
+        self.cfg_inter = I  # a routed expert's width
         self.expert_parts = min(8, n_local + 1) if 3 * I * D >= (1 << 16) and n_local > 1 else 1
         self.part_budget = 32 << 20  # bytes of float32 part sums held at once
         if not kw.get("fp8"):

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,13 +60,15 @@ class Runtime:
 
     `threads` is what the C kernels split their work across (FP8 dequantization included) and
     what torch gets for its own ops; `kernels` False forces the torch reference everywhere;
-    `variant` picks a C build (kernels/cpu.py's VARIANTS; None: the best this CPU runs)."""
+    `variant` picks a C build (kernels/cpu.py's VARIANTS; None: the best this CPU runs); `debug`
+    (DSV3_DEBUG=1 for the commands) reports fallbacks."""
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = BF16
     threads: int = 1
     kernels: bool = True
     variant: str | None = None
+    debug: bool = False  # say on stderr where a fast path falls back, and why
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))
@@ -286,6 +290,8 @@ class CpuOps(TorchOps):
         super().__init__(rt, exact)
         self.kern, self.lib = kern, kern.lib
         self.all_products = rt.c_does_all_products
+        self._told: weakref.WeakSet = weakref.WeakSet()  # FP8 weights whose fallback DSV3_DEBUG has reported
+        self._fp8_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per MoE: its FP8 experts' addresses
 
     def threads_for(self, macs: int) -> int:
         return self.rt.threads if macs >= PARALLEL_MACS else 1
@@ -319,6 +325,41 @@ class CpuOps(TorchOps):
 
     def dequantize(self, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
         return dequantize_weight(q, s, dtype, out=out, kern=self.kern, workers=self.rt.threads)
+
+    def linear(self, x: torch.Tensor, lin: "Linear") -> torch.Tensor:
+        """FP8 weights straight from their codes (cpu_gemm.c's dsv3_fp8_gemm: never a dequantized
+        copy); dense ones through `matmul_t`."""
+        rows = x.numel() // max(x.shape[-1], 1)
+        if not lin.is_fp8 or x.dtype not in (BF16, torch.float32) or not self._c_rows(rows) or not self._fp8_ready(lin):
+            return super().linear(x, lin)
+        N, K = lin.weight.shape
+        x2 = x.reshape(rows, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = x.new_empty(*x.shape[:-1], N)
+        xp, qp, sp, yp = x2.data_ptr(), lin.weight.data_ptr(), lin.weight_scale_inv.data_ptr(), out.data_ptr()
+        bf16, ldx = int(x.dtype == BF16), x2.stride(0)
+
+        def cols(n0: int, n1: int) -> int:  # outputs n0..n1: each computed the same way whatever the split
+            return self.lib.dsv3_fp8_gemm(bf16, xp, ldx, qp, sp, yp, N, rows, K, n0, n1)
+
+        if run_split(N, cols, self.threads_for(rows * N * K), align=128):
+            raise MemoryError("dsv3_fp8_gemm: out of memory for its scratch buffer")
+        return out
+
+    def _fp8_ready(self, lin: "Linear") -> bool:
+        """Whether the FP8 kernels can take this weight: exactly this rank's part (a tensor-parallel
+        cut inside a 128 block leaves the weight padded to whole blocks) with 128x128 block scales
+        in float32. Otherwise the reference dequantizes it, and DSV3_DEBUG=1 says why (once)."""
+        q, s = lin.weight, lin.weight_scale_inv
+        blocks = (-(-q.shape[0] // 128), -(-q.shape[1] // 128))
+        why = ("a tensor-parallel part not aligned to 128" if not lin.whole else
+               f"scales {tuple(s.shape)} are not 128x128 blocks of {tuple(q.shape)}" if tuple(s.shape) != blocks or
+               s.dtype != torch.float32 or not (q.is_contiguous() and s.is_contiguous()) else None)
+        if why and self.rt.debug and lin not in self._told:
+            self._told.add(lin)
+            print(f"dsv3 ops: an FP8 weight {tuple(q.shape)} takes the reference path: {why}", file=sys.stderr)
+        return why is None
 
     # ---- norms -------------------------------------------------------------------------------
 
@@ -385,34 +426,45 @@ class CpuOps(TorchOps):
         return w, idx, None
 
     def moe_experts(self, moe: "MoE", x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """cpu_ops.c's dsv3_moe over the stacked expert weights (FP8 experts: the reference),
-        each local expert once on all its tokens, float32 activations and sums, the shared
-        expert in the same call.
+        """cpu_ops.c's dsv3_moe over the stacked expert weights, or dsv3_moe_fp8 over FP8 experts'
+        codes: each local expert once on all its tokens, float32 activations and sums, the
+        shared expert in the same call.
 
         With moe.expert_parts > 1 the experts are cut into that many parts (the shared expert
         one of them) whose float32 sums are added in order (dsv3_sum_f32): the parts run on
         different threads, each reading only its experts' weights, and tokens are cut too where
         there are more threads than parts. A token's result depends on neither the other tokens
         nor the thread count."""
-        if moe.w13 is None or x.dtype != moe.w13.dtype:
+        fp8 = self._fp8_experts(moe) if moe.w13 is None else None  # FP8 experts the kernel can take
+        if x.dtype not in (BF16, torch.float32) or (fp8 is None if moe.w13 is None else x.dtype != moe.w13.dtype):
             return super().moe_experts(moe, x, w, idx)
         x, w, idx = x.contiguous(), w.float().contiguous(), idx.contiguous()
         y = torch.empty_like(x)
         N, K = idx.shape
-        D, I = x.shape[1], moe.w2.shape[-1]
-        se = moe.shared_experts
-        sw = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight) if se is not None else ()
-        sp = [t.data_ptr() for t in sw] or [None] * 3
-        Is = sw[0].shape[0] if sw else 0
+        D, I = x.shape[1], moe.cfg_inter
         bf16, es = int(x.dtype == BF16), x.element_size()
         xp, ip, wp = x.data_ptr(), idx.data_ptr(), w.data_ptr()
+        if fp8 is None:
+            se = moe.shared_experts
+            sw = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight) if se is not None else ()
+            sp = [t.data_ptr() for t in sw] or [None] * 3
+            Is = sw[0].shape[0] if sw else 0
 
-        def run(t0: int, t1: int, lo: int, hi: int, with_shared: bool, out: int, f32: bool) -> int:
-            """Tokens t0..t1 through the routed experts lo..hi (and the shared one) into `out`."""
-            return self.lib.dsv3_moe(bf16, xp + t0 * D * es, ip + t0 * K * 8, wp + t0 * K * 4,
-                                     moe.w13.data_ptr() + (lo - moe.lo) * 2 * I * D * es,
-                                     moe.w2.data_ptr() + (lo - moe.lo) * D * I * es, out, t1 - t0, K, D, I, lo, hi,
-                                     *(sp if with_shared else [None] * 3), Is if with_shared else 0, int(f32))
+            def run(t0: int, t1: int, lo: int, hi: int, with_shared: bool, out: int, f32: bool) -> int:
+                """Tokens t0..t1 through the routed experts lo..hi (and the shared one) into `out`."""
+                return self.lib.dsv3_moe(bf16, xp + t0 * D * es, ip + t0 * K * 8, wp + t0 * K * 4,
+                                         moe.w13.data_ptr() + (lo - moe.lo) * 2 * I * D * es,
+                                         moe.w2.data_ptr() + (lo - moe.lo) * D * I * es, out, t1 - t0, K, D, I, lo, hi,
+                                         *(sp if with_shared else [None] * 3), Is if with_shared else 0, int(f32))
+        else:
+            table, shared_table, Is, rest = fp8
+            sw = (True,) if shared_table is not None else ()
+
+            def run(t0: int, t1: int, lo: int, hi: int, with_shared: bool, out: int, f32: bool) -> int:
+                return self.lib.dsv3_moe_fp8(bf16, xp + t0 * D * es, ip + t0 * K * 8, wp + t0 * K * 4,
+                                             table.data_ptr() + (lo - moe.lo) * 6 * 8,
+                                             shared_table.data_ptr() if with_shared else None, out, t1 - t0, K, D, I,
+                                             lo, hi, Is if with_shared else 0, int(f32))
 
         threads = self.threads_for(N * 3 * D * (K * I + Is))
         P = moe.expert_parts
@@ -445,7 +497,31 @@ class CpuOps(TorchOps):
                 self.lib.dsv3_sum_f32(acc.data_ptr(), len(parts), n * D, y.data_ptr() + c0 * D * es, bf16)
         if failed:
             raise MemoryError("dsv3_moe: out of memory for its scratch buffers")
+        if fp8 is not None and rest:  # a shared expert the FP8 kernel cannot take (a padded tensor-parallel part)
+            y += moe.shared_experts(x, self)
         return y
+
+    def _fp8_experts(self, moe: "MoE"):
+        """(the routed experts' weight addresses [E_local,6], the shared expert's [6] or None, its
+        width, whether the shared expert must go through the reference), or None when a routed
+        expert's weights cannot take the FP8 kernel. Made once per layer: parameters do not move."""
+        if moe not in self._fp8_tables:
+            def addresses(mlp) -> list[int] | None:
+                lins = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+                if not all(lin.is_fp8 and self._fp8_ready(lin) for lin in lins):
+                    return None
+                return [a for lin in lins for a in (lin.weight.data_ptr(), lin.weight_scale_inv.data_ptr())]
+
+            rows = [addresses(moe.experts[e]) for e in range(moe.lo, moe.hi)]
+            se = moe.shared_experts
+            shared = addresses(se) if se is not None else None
+            if any(r is None for r in rows):
+                entry = None
+            else:
+                entry = (torch.tensor(rows, dtype=torch.int64), None if shared is None else torch.tensor(shared, dtype=torch.int64),
+                         se.gate_proj.weight.shape[0] if shared is not None else 0, se is not None and shared is None)
+            self._fp8_tables[moe] = entry
+        return self._fp8_tables[moe]
 
     # ---- the MTP module's entry --------------------------------------------------------------
 

@@ -50,7 +50,7 @@ VARIANTS = {
     "avx512": (("-march=x86-64-v4",), ("avx2", "fma", "f16c", "bmi2", *_V4)),
     "avx512bf16": (("-march=x86-64-v4", "-mavx512bf16"), ("avx2", "fma", "f16c", "bmi2", *_V4, "avx512_bf16")),
 }
-ABI = 5  # must equal dsv3_cpu_abi() in cpu_fp8.c
+ABI = 6  # must equal dsv3_cpu_abi() in cpu_fp8.c
 # Elements per job: large enough that the per-call cost (a few microseconds) is noise, small
 # enough that threads pulling jobs end together.
 CHUNK = 1 << 20
@@ -70,6 +70,8 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_gemm": (_i64, (ctypes.c_int, ctypes.c_int, _p, _p, _p) + (_i64,) * 14),
     # bf16, x, idx, wt, w13, w2, y, N, K, D, I, lo, hi, sg, su, sd, Is, out_f32 -> 0, or -1 without memory
     "dsv3_moe": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 6 + (_p, _p, _p, _i64, ctypes.c_int)),
+    # bf16, x, idx, wt, ptr, sp, y, N, K, D, I, lo, hi, Is, out_f32 -> 0, or -1 without memory
+    "dsv3_moe_fp8": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 7 + (ctypes.c_int,)),
     # parts, P, n, y, bf16
     "dsv3_sum_f32": (None, (_p, _i64, _i64, _p, ctypes.c_int)),
     # bf16, x, wg, bias, N, D, E, G, TG, K, norm, scale, idx, wt -> 0, or -1 without memory
@@ -80,6 +82,8 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_rmsnorm": (None, (ctypes.c_int, _p, _i64, _p, _p, _i64, _i64, ctypes.c_float)),
     # tok, embed, V, h, enw, eeps, hnw, heps, w, y, rows, D -> 0, -1 without memory, -2 for a bad id
     "dsv3_mtp_entry": (_i64, (_p, _p, _i64, _p, _p, ctypes.c_float, _p, ctypes.c_float, _p, _p, _i64, _i64)),
+    # bf16, x, ldx, q, s, y, ldy, M, K, n0, n1 -> 0, or -1 without memory
+    "dsv3_fp8_gemm": (_i64, (ctypes.c_int, _p, _i64, _p, _p, _p, _i64) + (_i64,) * 4),
     # x, y, n (float32): the vectorised e^x the softmax, SwiGLU and router use, for its tests
     "dsv3_exp": (None, (_p, _p, _i64)),
     # -> 1 when built for bfloat16 dot products in hardware (AVX512-BF16)

@@ -30,18 +30,19 @@
  * starts. The weight is read row after row, in memory order: a single sequential stream from
  * DRAM runs at twice the speed of four interleaved short ones (measured: 17 vs 7 GB/s on one
  * core). Every accumulator sees the same operations whatever MB is. */
-#define DEFINE_DOTS(SUF, T, LD)                                                                                  \
-    static inline __attribute__((always_inline)) int64_t dots_##SUF(const T *x, int64_t ldx, const T *w, int64_t K, \
+#define DEFINE_DOTS(SUF, TX, TW, LDX, LDW)                                                                       \
+    static inline __attribute__((always_inline)) int64_t dots_##SUF(const TX *x, int64_t ldx, const TW *w, int64_t K, \
                                                                     v16f *acc, int64_t as, const int MB) {         \
         for (int i = 0; i < MB; i++) acc[i * as] = (v16f){0};                                                    \
         int64_t k = 0;                                                                                           \
         for (; k + VL <= K; k += VL) {                                                                           \
-            v16f wv = LD(w + k);                                                                                 \
-            for (int i = 0; i < MB; i++) acc[i * as] += LD(x + i * ldx + k) * wv;                                \
+            v16f wv = LDW(w + k);                                                                                \
+            for (int i = 0; i < MB; i++) acc[i * as] += LDX(x + i * ldx + k) * wv;                               \
         }                                                                                                        \
         return k;                                                                                                \
     }
-DEFINE_DOTS(f32, float, ld_f32)
+DEFINE_DOTS(f32, float, float, ld_f32, ld_f32)
+DEFINE_DOTS(fp8, float, uint8_t, ld_f32, ld_fp8)
 
 #ifdef __AVX512BF16__
 /* bfloat16 pairs straight into float32 lanes (vdpbf16ps): no conversion of x or w; the k tail is
@@ -73,18 +74,30 @@ static inline __attribute__((always_inline)) int64_t dots_bf16(const uint16_t *x
     return K;
 }
 #else
-DEFINE_DOTS(bf16, uint16_t, ld_bf16)
+DEFINE_DOTS(bf16, uint16_t, uint16_t, ld_bf16, ld_bf16)
 #endif
 
 /* s plus the products of the k tail [k, K) of one x row and one w row, in order */
-#define DEFINE_TAIL(SUF, T, TO_F32)                                                                              \
-    static inline float tail_##SUF(float s, const T *x, const T *w, int64_t k, int64_t K) {                      \
-        for (; k < K; k++) s += TO_F32(x[k]) * TO_F32(w[k]);                                                     \
+/* a * b rounded on its own: never fused into the addition that follows (which fp-contract=fast
+ * would otherwise decide case by case), so every tail sums its products the same way */
+static inline float mul_rn(float a, float b) {
+    float p = a * b;
+#if defined(__SSE__)
+    __asm__("" : "+x"(p));
+#else
+    __asm__("" : "+m"(p));
+#endif
+    return p;
+}
+#define DEFINE_TAIL(SUF, TX, TW, XF, WF)                                                                         \
+    static inline float tail_##SUF(float s, const TX *x, const TW *w, int64_t k, int64_t K) {                    \
+        for (; k < K; k++) s += mul_rn(XF(x[k]), WF(w[k]));                                                      \
         return s;                                                                                                \
     }
 static inline float id_f32(float v) { return v; }
-DEFINE_TAIL(f32, float, id_f32)
-DEFINE_TAIL(bf16, uint16_t, bf16_f32)
+DEFINE_TAIL(f32, float, float, id_f32, id_f32)
+DEFINE_TAIL(bf16, uint16_t, uint16_t, bf16_f32, bf16_f32)
+DEFINE_TAIL(fp8, float, uint8_t, id_f32, fp8_f32)
 
 /* y [M,N] (float32, row stride ldy) = x [M,K] (row stride ldx) . w[N,K]^T, x and w of one type;
  * rows of x in blocks of 4, 2, 1, outputs in blocks of 16 (their lane sums reduced together by
@@ -109,8 +122,8 @@ DEFINE_TAIL(bf16, uint16_t, bf16_f32)
             for (int i = 0; i < MB; i++) y[(m + i) * ldy + n] = tail_##SUF(hsum(acc[i]), xm + i * ldx, w + n * ldw, k, K); \
         }                                                                                                        \
     }
-#define DEFINE_NT(SUF, T)                                                                                       \
-    DSV3_HIDDEN void nt_##SUF(const T *x, int64_t ldx, const T *w, int64_t ldw, float *y, int64_t ldy, int64_t M,    \
+#define DEFINE_NT(SUF, TX, TW)                                                                                  \
+    DSV3_HIDDEN void nt_##SUF(const TX *x, int64_t ldx, const TW *w, int64_t ldw, float *y, int64_t ldy, int64_t M,  \
                          int64_t N, int64_t K) {                                                                 \
         int64_t m = 0;                                                                                           \
         NT_ROWS(SUF, 4)                                                                                          \
@@ -118,8 +131,9 @@ DEFINE_TAIL(bf16, uint16_t, bf16_f32)
         NT_ROWS(SUF, 1)                                                                                          \
     }
 #ifndef DSV3_AVX2
-DEFINE_NT(f32, float)
-DEFINE_NT(bf16, uint16_t)
+DEFINE_NT(f32, float, float)
+DEFINE_NT(bf16, uint16_t, uint16_t)
+DEFINE_NT(fp8, float, uint8_t)
 #endif
 
 /* ---- nn: y = x . w, rows of w scaled and added (x float32, contiguous [M,K]) --------------------- */
@@ -222,8 +236,8 @@ static inline __m128 hsum8x4(const __m256 *v) {
 
 /* y[i][j] for MB rows of x by NB rows of w (constants after inlining; MB = 2 with NB <= 4, or
  * MB = 1 with NB <= 8: eight accumulators, the rows' 16 values converted once a step) */
-#define DEFINE_NT_TILE(SUF, T, LOAD)                                                                             \
-    static inline __attribute__((always_inline)) void nt_tile_##SUF(const T *x, int64_t ldx, const T *w,         \
+#define DEFINE_NT_TILE(SUF, TX, TW, LOADX, LOADW)                                                                \
+    static inline __attribute__((always_inline)) void nt_tile_##SUF(const TX *x, int64_t ldx, const TW *w,       \
                                                                     int64_t ldw, float *y, int64_t ldy,          \
                                                                     int64_t K, const int MB, const int NB) {     \
         __m256 acc[8];                                                                                           \
@@ -231,10 +245,10 @@ static inline __m128 hsum8x4(const __m256 *v) {
         int64_t k = 0;                                                                                           \
         for (; k + 16 <= K; k += 16) {                                                                           \
             __m256 xl[2], xh[2];                                                                                 \
-            for (int i = 0; i < MB; i++) LOAD(x + i * ldx + k, xl[i], xh[i]);                                    \
+            for (int i = 0; i < MB; i++) LOADX(x + i * ldx + k, xl[i], xh[i]);                                   \
             for (int j = 0; j < NB; j++) {                                                                       \
                 __m256 wl, wh;                                                                                   \
-                LOAD(w + j * ldw + k, wl, wh);                                                                   \
+                LOADW(w + j * ldw + k, wl, wh);                                                                  \
                 for (int i = 0; i < MB; i++)                                                                     \
                     acc[i * NB + j] = _mm256_fmadd_ps(xh[i], wh, _mm256_fmadd_ps(xl[i], wl, acc[i * NB + j]));   \
             }                                                                                                    \
@@ -247,39 +261,47 @@ static inline __m128 hsum8x4(const __m256 *v) {
                 y[i * ldy + j] = tail_##SUF(sum[i * NB + j], x + i * ldx, w + j * ldw, k, K);                    \
     }
 #define LOAD_F32(p, l, h) (l = _mm256_loadu_ps(p), h = _mm256_loadu_ps((p) + 8))
+#define LOAD_FP8(p, l, h)                                                                                        \
+    do {                                                                                                         \
+        __m256i t_ = fp8_half_bits(_mm_loadu_si128((const __m128i *)(p)));                                      \
+        l = _mm256_cvtph_ps(_mm256_castsi256_si128(t_)), h = _mm256_cvtph_ps(_mm256_extracti128_si256(t_, 1));  \
+    } while (0)
 #define LOAD_BF16(p, l, h)                                                                                       \
     do {                                                                                                         \
         __m256i v_ = _mm256_loadu_si256((const __m256i *)(p));                                                   \
         l = bf_even(v_), h = bf_odd(v_);                                                                         \
     } while (0)
-DEFINE_NT_TILE(f32, float, LOAD_F32)
-DEFINE_NT_TILE(bf16, uint16_t, LOAD_BF16)
+DEFINE_NT_TILE(f32, float, float, LOAD_F32, LOAD_F32)
+DEFINE_NT_TILE(bf16, uint16_t, uint16_t, LOAD_BF16, LOAD_BF16)
+DEFINE_NT_TILE(fp8, float, uint8_t, LOAD_F32, LOAD_FP8)
 /* each tile shape a function of its own: inlined into one loop nest, the shapes' register
  * allocations interfered (the 1 x 8 loop spilled pointers and vectors to the stack) */
-#define NT_TILE_FN(SUF, T, MB, NB)                                                                               \
-    static __attribute__((noinline)) void nt_##SUF##_##MB##x##NB(const T *x, int64_t ldx, const T *w,          \
+#define NT_TILE_FN(SUF, TX, TW, MB, NB)                                                                          \
+    static __attribute__((noinline)) void nt_##SUF##_##MB##x##NB(const TX *x, int64_t ldx, const TW *w,        \
                                                                  int64_t ldw, float *y, int64_t ldy, int64_t K) { \
         nt_tile_##SUF(x, ldx, w, ldw, y, ldy, K, MB, NB);                                                        \
     }
-#define NT_TILE_TABLE(SUF, T)                                                                                   \
-    NT_TILE_FN(SUF, T, 2, 1) NT_TILE_FN(SUF, T, 2, 2) NT_TILE_FN(SUF, T, 2, 3) NT_TILE_FN(SUF, T, 2, 4)         \
-    NT_TILE_FN(SUF, T, 1, 1) NT_TILE_FN(SUF, T, 1, 2) NT_TILE_FN(SUF, T, 1, 3) NT_TILE_FN(SUF, T, 1, 4)         \
-    NT_TILE_FN(SUF, T, 1, 5) NT_TILE_FN(SUF, T, 1, 6) NT_TILE_FN(SUF, T, 1, 7) NT_TILE_FN(SUF, T, 1, 8)         \
-    typedef void (*nt_tile_fn_##SUF)(const T *, int64_t, const T *, int64_t, float *, int64_t, int64_t);          \
+#define NT_TILE_TABLE(SUF, TX, TW)                                                                              \
+    NT_TILE_FN(SUF, TX, TW, 2, 1) NT_TILE_FN(SUF, TX, TW, 2, 2) NT_TILE_FN(SUF, TX, TW, 2, 3)                 \
+    NT_TILE_FN(SUF, TX, TW, 2, 4) NT_TILE_FN(SUF, TX, TW, 1, 1) NT_TILE_FN(SUF, TX, TW, 1, 2)                 \
+    NT_TILE_FN(SUF, TX, TW, 1, 3) NT_TILE_FN(SUF, TX, TW, 1, 4) NT_TILE_FN(SUF, TX, TW, 1, 5)                 \
+    NT_TILE_FN(SUF, TX, TW, 1, 6) NT_TILE_FN(SUF, TX, TW, 1, 7) NT_TILE_FN(SUF, TX, TW, 1, 8)                 \
+    typedef void (*nt_tile_fn_##SUF)(const TX *, int64_t, const TW *, int64_t, float *, int64_t, int64_t);        \
     static const nt_tile_fn_##SUF nt_tiles_##SUF[2][8] = {                                                       \
         {nt_##SUF##_1x1, nt_##SUF##_1x2, nt_##SUF##_1x3, nt_##SUF##_1x4, nt_##SUF##_1x5, nt_##SUF##_1x6,         \
          nt_##SUF##_1x7, nt_##SUF##_1x8},                                                                        \
         {nt_##SUF##_2x1, nt_##SUF##_2x2, nt_##SUF##_2x3, nt_##SUF##_2x4}};
-NT_TILE_TABLE(f32, float)
-NT_TILE_TABLE(bf16, uint16_t)
+NT_TILE_TABLE(f32, float, float)
+NT_TILE_TABLE(bf16, uint16_t, uint16_t)
+NT_TILE_TABLE(fp8, float, uint8_t)
 
 /* y [M,N] = x [M,K] . w [N,K]^T: rows in panels whose x stays in L2; in a panel, blocks of 8 w
  * rows (kept in L1 while the panel's rows pass), rows two at a time against 4 of them, a last
  * odd row against all 8 */
-#define DEFINE_NT_AVX2(SUF, T)                                                                                  \
-    DSV3_HIDDEN void nt_##SUF(const T *x, int64_t ldx, const T *w, int64_t ldw, float *y, int64_t ldy, int64_t M,    \
+#define DEFINE_NT_AVX2(SUF, TX, TW)                                                                             \
+    DSV3_HIDDEN void nt_##SUF(const TX *x, int64_t ldx, const TW *w, int64_t ldw, float *y, int64_t ldy, int64_t M,  \
                          int64_t N, int64_t K) {                                                                 \
-        int64_t panel = (int64_t)(128 * 1024 / sizeof(T)) / (K > 0 ? K : 1);                                     \
+        int64_t panel = (int64_t)(128 * 1024 / sizeof(TX)) / (K > 0 ? K : 1);                                    \
         panel = panel < 2 ? 2 : panel;                                                                           \
         for (int64_t m0 = 0; m0 < M; m0 += panel) {                                                              \
             int64_t m1 = m0 + panel < M ? m0 + panel : M;                                                        \
@@ -294,8 +316,9 @@ NT_TILE_TABLE(bf16, uint16_t)
             }                                                                                                    \
         }                                                                                                        \
     }
-DEFINE_NT_AVX2(f32, float)
-DEFINE_NT_AVX2(bf16, uint16_t)
+DEFINE_NT_AVX2(f32, float, float)
+DEFINE_NT_AVX2(bf16, uint16_t, uint16_t)
+DEFINE_NT_AVX2(fp8, float, uint8_t)
 
 /* nn: each output one chain of fused multiply-adds over k in order, as in the generic code (the
  * same bits); tiles of MB rows by NV vectors of 8 columns, MB * NV <= 12 accumulators */
@@ -381,4 +404,86 @@ int64_t dsv3_gemm(int bf16, int nn, const void *x, const void *w, void *y, int64
         }
     free(xf);
     return 0;
+}
+
+/* ---- FP8 weights: products straight from the E4M3 codes ------------------------------------------ */
+
+#ifndef FP8_FUSED_ROWS
+#define FP8_FUSED_ROWS 4 /* up to this many rows the codes are converted in registers as they stream */
+#endif
+#ifndef FP8_UNPACK_ROWS
+#define FP8_UNPACK_ROWS 8 /* more: this many weight rows at a time converted into a cached buffer */
+#endif
+
+/* rows [rows, K] of codes -> their values times 2^-8 (cpu_vec.h), contiguous float32 */
+static void fp8_unpack(const uint8_t *q, int64_t rows, int64_t K, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *qr = q + r * K;
+        float *o = out + r * K;
+        int64_t k = 0;
+        for (; k + VL <= K; k += VL) {
+            v16f v = ld_fp8(qr + k);
+            memcpy(o + k, &v, sizeof v);
+        }
+        for (; k < K; k++) o[k] = fp8_f32(qr[k]);
+    }
+}
+
+/* y [M, n1-n0] (float32, rows ldy apart) = x [M,K] (float32, contiguous) . w[n0:n1]^T, w the E4M3
+ * codes q [N,K] with the 128x128 block scales s [ceil(N/128), ceil(K/128)] (the multipliers).
+ * Semantics: for output n, x is first multiplied by its blocks' scales, xs[m][k] = x[m][k] *
+ * s[n/128][k/128] (one float32 rounding), then the float32 product of xs with the codes' exact
+ * values: the lanes, tree and tail of nt_f32. The codes are never dequantized into a weight-sized
+ * copy: with few rows they are converted in registers as they stream past (nt_fp8), with more,
+ * FP8_UNPACK_ROWS weight rows at a time into a buffer that stays in cache, which nt_f32 then
+ * reads for every row; both compute the same operations, so a row's result does not depend on
+ * how many rows are computed with it. Returns 0, or -1 when scratch memory cannot be had. */
+int64_t fp8_product(const float *x, int64_t M, int64_t K, const uint8_t *q, const float *s, int64_t n0, int64_t n1,
+                    float *y, int64_t ldy) {
+    int64_t KB = (K + 127) / 128;
+    int unpack = M > FP8_FUSED_ROWS;
+    float *xs = malloc(((size_t)M * K + (unpack ? (size_t)FP8_UNPACK_ROWS * K : 0)) * sizeof(float) + 64);
+    if (!xs) return -1;
+    float *wf = xs + M * K;
+    for (int64_t b0 = n0 / 128 * 128; b0 < n1; b0 += 128) {
+        int64_t lo = b0 > n0 ? b0 : n0, hi = b0 + 128 < n1 ? b0 + 128 : n1;
+        const float *sb = s + (b0 / 128) * KB;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t kb = 0; kb < KB; kb++) {
+                float sc = sb[kb] * 256.0f; /* the codes' 2^-8 (cpu_vec.h), exactly */
+                int64_t k1 = (kb + 1) * 128 < K ? (kb + 1) * 128 : K;
+                for (int64_t k = kb * 128; k < k1; k++) xs[m * K + k] = x[m * K + k] * sc;
+            }
+        if (!unpack) {
+            nt_fp8(xs, K, q + lo * K, K, y + (lo - n0), ldy, M, hi - lo, K);
+            continue;
+        }
+        for (int64_t r0 = lo; r0 < hi; r0 += FP8_UNPACK_ROWS) {
+            int64_t nr = hi - r0 < FP8_UNPACK_ROWS ? hi - r0 : FP8_UNPACK_ROWS;
+            fp8_unpack(q + r0 * K, nr, K, wf);
+            nt_f32(xs, K, wf, K, y + (r0 - n0), ldy, M, nr, K);
+        }
+    }
+    free(xs);
+    return 0;
+}
+
+/* y [M,N] = x [M,K] . w^T for an FP8 weight w (fp8_product), x and y bfloat16 (bf16=1) or float32,
+ * x rows ldx apart, y rows ldy apart; only the output columns n0..n1 (threads split them: a
+ * column's result does not depend on the split). Returns 0, or -1 when scratch memory cannot be
+ * had (nothing is written then). */
+int64_t dsv3_fp8_gemm(int bf16, const void *x, int64_t ldx, const uint8_t *q, const float *s, void *y, int64_t ldy,
+                      int64_t M, int64_t K, int64_t n0, int64_t n1) {
+    int64_t n = n1 - n0;
+    float *xf = malloc((size_t)(M * K + M * n) * sizeof(float) + 64);
+    if (!xf) return -1;
+    float *yf = xf + M * K;
+    to_f32(x, bf16, ldx, M, K, xf);
+    int64_t rc = fp8_product(xf, M, K, q, s, n0, n1, yf, n);
+    if (!rc) {
+        size_t es = bf16 ? 2 : 4;
+        for (int64_t m = 0; m < M; m++) store(yf + m * n, (char *)y + (m * ldy + n0) * es, bf16, n);
+    }
+    free(xf);
+    return rc;
 }

@@ -171,41 +171,29 @@ static void swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const vo
         nt_f32(act, I, wd, I, out, D, r, D, I);
 }
 
-/* A MoE layer's experts for N tokens (the router's choices given):
- *   y[n] = shared(x[n]) + sum over k with lo <= idx[n][k] < hi of
- *          wt[n][k] * down_e(silu(gate_e x[n]) * up_e x[n]),  e = idx[n][k] - lo
- * w13 [E_local, 2I, D] (gate rows then up rows), w2 [E_local, D, I]; the shared expert (this
- * rank's part; none when sg is NULL): gate sg and up su [Is,D], down sd [D,Is]. x, y [N,D] and
- * the weights all bfloat16 (bf16=1) or all float32; idx int64 [N,Kx]; wt float32 [N,Kx].
- * Expert by expert, its tokens gathered in groups of up to ROWS, so each weight row is read once
- * per group. The hidden activations stay float32 (rounded to bfloat16 as the input of a
- * bfloat16 product), and y accumulates in float32, rounded once at the end; with out_f32, y is
- * float32 and gets the sums unrounded (a part of the experts, for dsv3_sum_f32). Returns 0, or
- * -1 when scratch memory cannot be had (y is untouched then). */
+/* The experts of a MoE layer for N tokens, whatever their weights' format: expert by expert
+ * (e = lo - 1 first: the shared expert, every token, when `shared`), its tokens gathered in groups
+ * of up to ROWS (in the compute dtype), `fn` computing the expert's float32 output rows for a
+ * group, added with the token's routing weight into float32 sums rounded once at the end (with
+ * out_f32, y is float32 and gets the sums unrounded). Returns 0, or -1 when scratch memory cannot
+ * be had (y is untouched then). */
 #define ROWS 16
-int64_t dsv3_moe(int bf16, const void *x, const int64_t *idx, const float *wt, const void *w13, const void *w2, void *y,
-                 int64_t N, int64_t Kx, int64_t D, int64_t I, int64_t lo, int64_t hi, const void *sg, const void *su,
-                 const void *sd, int64_t Is, int out_f32) {
+typedef int64_t (*expert_fn)(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work);
+static int64_t moe_drive(int bf16, const void *x, const int64_t *idx, const float *wt, void *y, int64_t N, int64_t Kx,
+                         int64_t D, int64_t lo, int64_t hi, int shared, int out_f32, int64_t work_floats, expert_fn fn,
+                         const void *ctx) {
     size_t es = bf16 ? 2 : 4;
-    int64_t Im = sg && Is > I ? Is : I, nacc = out_f32 ? 0 : N * D;
-    float *buf = malloc((size_t)(nacc + ROWS * (3 * Im + D)) * sizeof(float) + (size_t)ROWS * D * es);
+    int64_t nacc = out_f32 ? 0 : N * D;
+    float *buf = malloc((size_t)(nacc + work_floats + ROWS * D) * sizeof(float) + (size_t)ROWS * D * es);
     if (!buf) return -1;
-    float *acc = out_f32 ? (float *)y : buf, *gu = buf + nacc, *act = gu + ROWS * 2 * Im, *out = act + ROWS * Im;
+    float *acc = out_f32 ? (float *)y : buf, *work = buf + nacc, *out = work + work_floats;
     char *xs = (char *)(out + ROWS * D); /* the group's token rows, gathered */
-    int64_t tok[ROWS];
+    int64_t tok[ROWS], rc = 0;
     float scale[ROWS];
     memset(acc, 0, (size_t)(N * D) * sizeof(float));
-    for (int64_t e = lo - (sg != NULL); e < hi; e++) { /* e = lo - 1: the shared expert, every token */
-        const char *wg, *wu, *wd;
-        int64_t Ie = e < lo ? Is : I;
-        if (e < lo) {
-            wg = sg, wu = su, wd = sd;
-        } else {
-            wg = (const char *)w13 + (e - lo) * 2 * I * D * es, wu = wg + I * D * es;
-            wd = (const char *)w2 + (e - lo) * D * I * es;
-        }
+    for (int64_t e = lo - (shared != 0); e < hi && !rc; e++) {
         int64_t n = 0;
-        while (n < N) {
+        while (n < N && !rc) {
             int64_t r = 0;
             for (; n < N && r < ROWS; n++)
                 for (int64_t k = 0; k < (e < lo ? 1 : Kx); k++)
@@ -216,14 +204,83 @@ int64_t dsv3_moe(int bf16, const void *x, const int64_t *idx, const float *wt, c
                         break; /* an expert appears once in a token's choices */
                     }
             if (r == 0) break;
-            swiglu_rows(bf16, xs, r, D, wg, wu, wd, Ie, gu, act, out);
-            for (int64_t j = 0; j < r; j++)
+            rc = fn(ctx, e, xs, r, out, work);
+            for (int64_t j = 0; j < r && !rc; j++)
                 for (int64_t d = 0; d < D; d++) acc[tok[j] * D + d] += scale[j] * out[j * D + d];
         }
     }
-    if (!out_f32) store(acc, y, bf16, N * D);
+    if (!out_f32 && !rc) store(acc, y, bf16, N * D);
     free(buf);
+    return rc;
+}
+
+/* dense (bfloat16 or float32) experts: stacked w13 [E_local, 2I, D] (gate rows then up rows) and
+ * w2 [E_local, D, I], the shared expert's gate sg and up su [Is,D], down sd [D,Is] */
+struct dense_experts {
+    int bf16;
+    const char *w13, *w2, *sg, *su, *sd;
+    int64_t D, I, Is, lo;
+};
+static int64_t dense_expert(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work) {
+    const struct dense_experts *c = ctx;
+    size_t es = c->bf16 ? 2 : 4;
+    int64_t D = c->D, Ie = e < c->lo ? c->Is : c->I, Im = c->Is > c->I ? c->Is : c->I;
+    const char *wg = c->sg, *wu = c->su, *wd = c->sd;
+    if (e >= c->lo) {
+        wg = c->w13 + (e - c->lo) * 2 * c->I * D * es, wu = wg + c->I * D * es;
+        wd = c->w2 + (e - c->lo) * D * c->I * es;
+    }
+    swiglu_rows(c->bf16, xs, r, D, wg, wu, wd, Ie, work, work + ROWS * 2 * Im, out);
     return 0;
+}
+
+/* A MoE layer's experts for N tokens (the router's choices given):
+ *   y[n] = shared(x[n]) + sum over k with lo <= idx[n][k] < hi of
+ *          wt[n][k] * down_e(silu(gate_e x[n]) * up_e x[n]),  e = idx[n][k] - lo
+ * w13 [E_local, 2I, D] (gate rows then up rows), w2 [E_local, D, I]; the shared expert (this
+ * rank's part; none when sg is NULL): gate sg and up su [Is,D], down sd [D,Is]. x, y [N,D] and
+ * the weights all bfloat16 (bf16=1) or all float32; idx int64 [N,Kx]; wt float32 [N,Kx].
+ * Each weight row is read once per group of tokens (moe_drive). The hidden activations stay
+ * float32 (rounded to bfloat16 as the input of a bfloat16 product), and y accumulates in float32,
+ * rounded once at the end; with out_f32, y is float32 and gets the sums unrounded (a part of the
+ * experts, for dsv3_sum_f32). Returns 0, or -1 when scratch memory cannot be had (y is untouched
+ * then). */
+int64_t dsv3_moe(int bf16, const void *x, const int64_t *idx, const float *wt, const void *w13, const void *w2, void *y,
+                 int64_t N, int64_t Kx, int64_t D, int64_t I, int64_t lo, int64_t hi, const void *sg, const void *su,
+                 const void *sd, int64_t Is, int out_f32) {
+    struct dense_experts c = {bf16, w13, w2, sg, su, sd, D, I, sg ? Is : 0, lo};
+    int64_t Im = c.Is > I ? c.Is : I;
+    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sg != NULL, out_f32, ROWS * 3 * Im, dense_expert, &c);
+}
+
+/* FP8 experts: each weight as E4M3 codes with its 128x128 block scales, by address: six per
+ * expert (gate codes, gate scales, up codes, up scales, down codes, down scales), ptr for the
+ * routed experts lo.. (6 per expert), sp for the shared expert (NULL: none); gate and up [I,D],
+ * down [D,I] (the shared expert's width Is) */
+struct fp8_experts {
+    const int64_t *ptr, *sp;
+    int bf16;
+    int64_t D, I, Is, lo;
+};
+static int64_t fp8_expert(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work) {
+    const struct fp8_experts *c = ctx;
+    const int64_t *p = e < c->lo ? c->sp : c->ptr + (e - c->lo) * 6;
+    int64_t D = c->D, Ie = e < c->lo ? c->Is : c->I;
+    float *xf = work, *gu = xf + ROWS * D, *act = gu + ROWS * 2 * Ie;
+    to_f32(xs, c->bf16, D, r, D, xf);
+    int64_t rc = fp8_product(xf, r, D, (const uint8_t *)p[0], (const float *)p[1], 0, Ie, gu, 2 * Ie);
+    rc = rc ? rc : fp8_product(xf, r, D, (const uint8_t *)p[2], (const float *)p[3], 0, Ie, gu + Ie, 2 * Ie);
+    for (int64_t j = 0; j < r; j++) silu_mul(gu + j * 2 * Ie, gu + j * 2 * Ie + Ie, act + j * Ie, Ie);
+    return rc ? rc : fp8_product(act, r, Ie, (const uint8_t *)p[4], (const float *)p[5], 0, D, out, D);
+}
+
+/* dsv3_moe for FP8 experts (fp8_expert), the products straight from the codes (fp8_product): the
+ * same routing, gathering, float32 activations and sums; bf16 says the dtype of x and y. */
+int64_t dsv3_moe_fp8(int bf16, const void *x, const int64_t *idx, const float *wt, const int64_t *ptr, const int64_t *sp,
+                     void *y, int64_t N, int64_t Kx, int64_t D, int64_t I, int64_t lo, int64_t hi, int64_t Is, int out_f32) {
+    struct fp8_experts c = {ptr, sp, bf16, D, I, sp ? Is : 0, lo};
+    int64_t Im = c.Is > I ? c.Is : I;
+    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sp != NULL, out_f32, ROWS * (D + 3 * Im), fp8_expert, &c);
 }
 
 /* y[i] = round(parts[0][i] + parts[1][i] + ... + parts[P-1][i]), added left to right in float32

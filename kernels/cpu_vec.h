@@ -100,6 +100,50 @@ static inline v16f hsum16(const v16f *v) {
            SHUF(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+/* ---- E4M3 codes as numbers, in registers ---------------------------------------------------------
+ * An E4M3 code's 7 low bits, moved up by 7 into a half-precision word (sign to bit 15), are that
+ * code's value times 2^-8 exactly, subnormal codes included (both formats put the exponent just
+ * above the mantissa and E4M3's bias is half precision's minus 8), and the CPU's half-precision
+ * conversion (F16C) turns them into float32 at full speed: no float32 subnormal ever appears,
+ * so the speed does not depend on the codes. The NaN codes (0x7f, 0xff) become a half-precision
+ * NaN. The 2^8 is folded into the block scales by the callers (cpu_gemm.c's FP8 products). */
+static float fp8_table[256]; /* each code's value times 2^-8, for the scalar paths */
+__attribute__((constructor)) static void fp8_table_init(void) {
+    for (int c = 0; c < 256; c++) {
+        int e = (c >> 3) & 15, m = c & 7;
+        float v = e ? ldexpf(1.0f + (float)m / 8.0f, e - 7 - 8) : ldexpf((float)m, -9 - 8);
+        if ((c & 0x7f) == 0x7f) v = __builtin_nanf("");
+        fp8_table[c] = c & 0x80 ? -v : v;
+    }
+}
+static inline float fp8_f32(uint8_t c) { return fp8_table[c]; }
+
+#ifdef __AVX2__
+/* 16 codes -> their half-precision words (see above) */
+static inline __m256i fp8_half_bits(__m128i codes) {
+    __m256i t = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(codes), 7), _mm256_set1_epi16((short)0xbf80));
+    __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(t, _mm256_set1_epi16(0x7fff)), _mm256_set1_epi16(0x3f80));
+    return _mm256_or_si256(t, _mm256_and_si256(nan, _mm256_set1_epi16(0x7c00)));
+}
+#endif
+
+/* 16 codes -> their values times 2^-8 */
+static inline v16f ld_fp8(const uint8_t *p) {
+    v16f f;
+#if defined(__AVX512F__)
+    __m512 v = _mm512_cvtph_ps(fp8_half_bits(_mm_loadu_si128((const __m128i *)p)));
+    memcpy(&f, &v, sizeof f);
+#elif defined(__AVX2__)
+    __m256i t = fp8_half_bits(_mm_loadu_si128((const __m128i *)p));
+    __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(t)), hi = _mm256_cvtph_ps(_mm256_extracti128_si256(t, 1));
+    memcpy(&f, &lo, 32);
+    memcpy((char *)&f + 32, &hi, 32);
+#else
+    for (int i = 0; i < VL; i++) f[i] = fp8_table[p[i]];
+#endif
+    return f;
+}
+
 /* the products of cpu_gemm.c that the model operations of cpu_ops.c build on (see cpu_gemm.c) */
 #define DSV3_HIDDEN __attribute__((visibility("hidden")))
 DSV3_HIDDEN void nt_f32(const float *x, int64_t ldx, const float *w, int64_t ldw, float *y, int64_t ldy, int64_t M,
@@ -110,6 +154,10 @@ DSV3_HIDDEN void nn_f32(const float *x, const float *w, int64_t ldw, float *y, i
                         int64_t K);
 DSV3_HIDDEN void nn_bf16(const float *x, const uint16_t *w, int64_t ldw, float *y, int64_t ldy, int64_t M, int64_t N,
                          int64_t K);
+DSV3_HIDDEN void nt_fp8(const float *x, int64_t ldx, const uint8_t *w, int64_t ldw, float *y, int64_t ldy, int64_t M,
+                        int64_t N, int64_t K);
+DSV3_HIDDEN int64_t fp8_product(const float *x, int64_t M, int64_t K, const uint8_t *q, const float *s, int64_t n0,
+                                int64_t n1, float *y, int64_t ldy);
 DSV3_HIDDEN void to_f32(const void *x, int bf16, int64_t ldx, int64_t M, int64_t K, float *out);
 DSV3_HIDDEN void store(const float *v, void *y, int bf16, int64_t n);
 #endif

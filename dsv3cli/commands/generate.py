@@ -207,7 +207,7 @@ def run_rank(job: dict[str, Any]) -> None:
     auto = job["dtype"] == "auto"
     torch_dtype = resolve_dtype(job["dtype"], Checkpoint(ckpt).dtype("model.embed_tokens.weight") if auto else None)
     runtime = Runtime(torch.device(device), torch_dtype, threads=job.get("threads") or rank_threads(),
-                      kernels=cpu_kernels_enabled())
+                      kernels=cpu_kernels_enabled(), debug=os.environ.get("DSV3_DEBUG") == "1")
     runtime.apply()
     dist = init_distributed(device)
     main = dist.rank == 0
