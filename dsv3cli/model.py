@@ -207,7 +207,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, dim, dist, reduce=reduce, **kw)
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, ops)) * self.up_proj(x, ops), ops)
+        return self.down_proj(ops.swiglu(self.gate_proj(x, ops), self.up_proj(x, ops)), ops)
 
 
 class Expert(nn.Module):
@@ -220,7 +220,7 @@ class Expert(nn.Module):
         self.down_proj = Linear(inter, dim, **kw)
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, ops)) * self.up_proj(x, ops), ops)
+        return self.down_proj(ops.swiglu(self.gate_proj(x, ops), self.up_proj(x, ops)), ops)
 
 
 class Gate(nn.Module):

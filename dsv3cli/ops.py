@@ -13,8 +13,10 @@ Exactness: a forward that decodes (any sequence past position 0: a decode step, 
 verification) asks for `exact` ops, whose results for a row depend on nothing but that row, so
 that verifying T tokens gives the numbers of T single steps and MTP greedy output equals plain
 greedy output. The C kernels are exact at every size. The torch reference is exact by computing
-such forwards a row at a time (one token of one sequence, one product of one row), which is
-slow but obviously right; a prefill (every sequence from position 0) takes the batched form, and
+such forwards a row at a time (one token of one sequence, one product of one row, and the
+norms, the router and the activations row by row too: torch's vectorised exp, silu and rsqrt
+round differently from the scalar code it runs on a tensor's last few elements, so an element's
+result depends on where it sits in the tensor), which is slow but obviously right; a prefill (every sequence from position 0) takes the batched form, and
 on the CPU the fastest product there is (oneDNN where the CPU has bfloat16 dot products).
 
 Shapes: B batch, T new tokens, S cache positions read, D hidden, H local heads, C kv_lora_rank,
@@ -182,7 +184,20 @@ class TorchOps:
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         """In float32, rounded once to x's dtype."""
+        if self.exact:
+            return _cat_rows(lambda r: self.rms_norm_rows(r, w, eps), x.reshape(-1, x.shape[-1])).view(x.shape)
+        return self.rms_norm_rows(x, w, eps)
+
+    @staticmethod
+    def rms_norm_rows(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x.float(), w.shape, w, eps).to(x.dtype)
+
+    def swiglu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """silu(g) * u, the activation of the experts and dense MLPs."""
+        if not self.exact:
+            return F.silu(g) * u
+        rows = zip(g.reshape(-1, g.shape[-1]).split(1), u.reshape(-1, u.shape[-1]).split(1))
+        return torch.cat([F.silu(a) * b for a, b in rows]).view(g.shape)
 
     # ---- attention ---------------------------------------------------------------------------
 
@@ -228,6 +243,10 @@ class TorchOps:
         """The router: x [N,D] -> weights [N,K] float32, experts [N,K], and the experts chosen
         without the bias [N,K] when `want_nobias` (else None). noaux_tc: sigmoid scores, the
         bias for selection only, groups by the sum of their top two; V2: softmax, max-per-group."""
+        if self.exact and x.shape[0] > 1:  # one token at a time (see the top)
+            parts = [self.route(gate, r, want_nobias) for r in x.split(1)]
+            w, idx, nobias = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+            return w, idx, nobias
         logits = self.matmul_t(x.float(), self.router_weight(gate))  # [N,E]
         scores = logits.sigmoid() if gate.score_func == "sigmoid" else logits.softmax(dim=-1)
         idx = gate.select(scores, gate.e_score_correction_bias)
