@@ -122,19 +122,13 @@ def _markdown(tables, model: str, fv) -> str:
 
 
 def _rich(tables, model: str, fv) -> None:
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # piped to a file: do not squeeze the tables into 80 columns
-        console = Console(width=160)
-    console.print(f"[bold]dsv3 estimate-cost[/bold]: {model}")
+    from ..render import fitted_tables
+
+    console = Console()  # its width: the terminal's, else $COLUMNS, else 80
+    console.print(f"[bold]dsv3 estimate-cost[/bold]: {model}\n")
     for t in tables:
-        rt = Table(title=t.title, title_justify="left", box=box.SIMPLE_HEAD,
-                   caption="\n".join(t.notes) or None, caption_justify="left")
-        for _, label, f in t.columns:
-            rt.add_column(label, justify="left" if f == "text" else "right", no_wrap=f != "text", overflow="fold")
-        for r in t.rows:
-            rt.add_row(*(fv(v, f) for v, f in t.cells(r)))
-        console.print(rt)
+        fitted_tables(console, t.title, [label for _, label, _ in t.columns],
+                      [[fv(v, f) for v, f in t.cells(r)] for r in t.rows],
+                      [f != "text" for _, _, f in t.columns], t.notes)
