@@ -311,10 +311,10 @@ class Scenario:
         if self.mfu is not None and not 0.0 < self.mfu <= 1.0:
             raise UsageError(f"--mfu {self.mfu}: must be in (0, 1], a fraction of the dense {self.mfu_basis} peak (0.39 = 39%)")
         for opt, v in (("--price", self.price), ("--tokens", self.tokens), ("--gpus", self.gpus),
-                       ("--context", self.context), ("--batch", self.batch)):
+                       ("--max-seq-len", self.context), ("--batch-size", self.batch)):
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise UsageError(f"{opt} {v:g}: must be a positive number")
-        for opt, v in (("--gpus", self.gpus), ("--context", self.context), ("--batch", self.batch)):
+        for opt, v in (("--gpus", self.gpus), ("--max-seq-len", self.context), ("--batch-size", self.batch)):
             if v is not None and v != int(v):
                 raise UsageError(f"{opt} {v:g}: must be a whole number")
         find_gpu(self.gpu).peak_flops(self.mfu_basis)  # unknown GPU, or FP8 basis on a GPU without FP8

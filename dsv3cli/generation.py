@@ -175,6 +175,18 @@ def peak_memory_mb() -> tuple[float, float | None]:
     )
 
 
+def peak_rss_mb_per_rank(dist: Dist) -> list[float]:
+    """Every rank's peak resident set in MB, on every rank (a collective when world_size > 1)."""
+    mine = round(peak_rss_bytes() / 2**20, 1)
+    if dist.world_size == 1:
+        return [mine]
+    import torch.distributed as tdist
+
+    out: list = [None] * dist.world_size
+    tdist.all_gather_object(out, mine, group=dist.group)
+    return out
+
+
 def peak_rss_bytes() -> int:
     """VmHWM of this process. getrusage's ru_maxrss is not used where /proc exists: Linux carries
     it over from the parent across fork + exec, so a small child of a big parent reports the parent's."""

@@ -124,3 +124,80 @@ def test_estimate_cost_piped_honours_columns():
     wide, narrow = training_lines(200), training_lines(80)
     assert len(wide) == 1 and "2,664,000" in wide[0] and "$5,328,000" in wide[0]
     assert len(narrow) == 2  # the phases table in two parts, each repeating the phase
+
+
+def _chat(ckpt: Path, *args: str) -> Terminal:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return Terminal([DSV3, "generate", str(ckpt), "--dtype", "float32", "--mtp", "0", "--verbose", *args], 80, env=env)
+
+
+def _prompt_tokens(text: str) -> list[int]:
+    """The prompt sizes on the --verbose stats lines."""
+    return [int(n) for n in re.findall(r"(\d+) prompt \+", text)]
+
+
+def test_chat_line_editing_commands_and_leaving(tiny_bf16):
+    from dsv3cli.prompts import encode, user
+    from dsv3cli.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_bf16)
+    term = _chat(tiny_bf16, "--max-new-tokens", "4", "--max-seq-len", "256")
+    assert "/help" in term.read_until(r"> $")
+    term.send(b"Helo\x1b[Dl\r")  # a typo mended with the left arrow: "Hello" reaches the model
+    first = term.read_until(r"prompt \+.*\n> $")
+    assert _prompt_tokens(first) == [len(encode(tok, user("Hello"), raw=False))], first
+    term.send(b"   \r")  # an empty line is not sent
+    assert _prompt_tokens(term.read_until(r"> $")) == []
+    term.send(b"/foo\r")  # an unknown command lists the commands instead of going to the model
+    listed = term.read_until(r"unknown command /foo.*\n> $")
+    assert all(c in listed for c in ("/help", "/clear", "/exit")) and _prompt_tokens(listed) == []
+    term.send(b"\x1b[A\x1b[A\r")  # history: up twice recalls "Hello"; the first turn is in its prompt
+    again = _prompt_tokens(term.read_until(r"prompt \+.*\n> $"))
+    assert len(again) == 1 and again[0] > _prompt_tokens(first)[0] + 2
+    term.send(b"\x03")  # Ctrl-C at the prompt: a hint, still in the chat
+    term.read_until(r"Ctrl-C again.*\n> $")
+    term.send(b"\x04")  # Ctrl-D leaves, on a fresh line
+    tail = term.read_until(None)
+    assert term.wait() == 0, term.text()
+    assert tail.endswith("\n") and "Error" not in term.text()
+
+
+def test_chat_ctrl_c_stops_a_reply(tiny_bf16):
+    term = _chat(tiny_bf16, "--max-new-tokens", "4000", "--max-seq-len", "4096")
+    term.read_until(r"> $")
+    term.send(b"Tell me a long story\r")
+    term.read_until(r"(?s)\n.{100}")  # the reply is streaming
+    term.send(b"\x03")
+    stopped = term.read_until(r"\(stopped.*\n> $")
+    assert _prompt_tokens(stopped) == []  # no stats: the reply did not run to its end
+    term.send(b"\x03")
+    term.read_until(r"Ctrl-C again.*\n> $")
+    term.send(b"\x03")  # twice at the prompt leaves
+    term.read_until(None)
+    assert term.wait() == 0, term.text()
+
+
+def test_generated_control_bytes_are_escaped_on_a_terminal(tiny_bf16, capsys):
+    from dsv3cli.commands.generate import _Printer
+    from dsv3cli.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_bf16)
+    text = "red \x1b[31mX\x0c\x0e done\tok\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    for escape, shown in ((True, "red \\x1b[31mX\\x0c\\x0e done\tok\n"), (False, text)):
+        p = _Printer(tok, [], live=True, escape=escape)
+        for i in ids:  # token by token, as they stream
+            p.add(0, [i])
+        p.finish()
+        assert capsys.readouterr().out == shown
+
+
+def test_generate_on_a_terminal_writes_no_control_bytes(tiny_bf16):
+    term = Terminal([DSV3, "generate", str(tiny_bf16), "--prompt", "Hello", "--max-new-tokens", "200",
+                     "--dtype", "float32", "--mtp", "0"], 80)
+    term.read_until(None)
+    assert term.wait() == 0, term.text()
+    # the random checkpoint's reply holds control bytes; only the terminal's own line ends remain
+    body = term.raw.decode("utf-8", "replace").split("\r\n")[0]
+    assert "\\x" in body and not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", body), repr(body)

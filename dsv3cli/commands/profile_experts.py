@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UsageError
-from ..options import DeviceOpt, DType, DTypeOpt, Device, JsonOpt, NprocOpt
+from ..options import DeviceOpt, DType, DTypeOpt, Device, JsonOpt, NprocOpt, PromptsOpt
 
 NAME = "profile-experts"
 NO_ARGS_IS_HELP = True
@@ -31,7 +31,7 @@ NO_ARGS_IS_HELP = True
 
 def command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder in the hub layout.", show_default=False)],
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: one text per line, or JSONL with {\"messages\": [...]} (chat template applied unless --raw).")] = None,
+    prompts: PromptsOpt = None,
     prompt_ids: Annotated[Optional[list[str]], typer.Option("--prompt-ids", help="Token ids of one prompt, comma-separated; repeat for more prompts.")] = None,
     generate: Annotated[int, typer.Option("--generate", min=0, help="Also generate N tokens per prompt (greedy) and profile prompt + generated tokens.")] = 0,
     raw: Annotated[bool, typer.Option("--raw", help="Use prompt text as is (BOS + text), without the chat template.")] = False,
@@ -47,7 +47,7 @@ def command(
     nproc: NprocOpt = 1,
     json_out: JsonOpt = False,
 ) -> None:
-    from ..profiling import parse_prompt_ids
+    from ..prompts import parse_prompt_ids
 
     job = {
         "checkpoint": str(checkpoint), "prompts_file": str(prompts) if prompts else None,
