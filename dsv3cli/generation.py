@@ -27,6 +27,7 @@ import torch
 from .errors import UsageError
 from .model import rows_at
 from .parallel import Dist
+from .render import plural
 
 
 # ---- sampling ------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len
             raise UsageError(f"prompt {i + 1}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         if len(p) >= max_seq_len:
             raise UsageError(
-                f"prompt {i + 1}: {len(p)} tokens leave no room under --max-seq-len {max_seq_len}; "
+                f"prompt {i + 1} ({plural(len(p), 'token')}) leaves no room under --max-seq-len {max_seq_len}; "
                 "raise --max-seq-len or shorten the prompt"
             )
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import DsvError, UsageError
+from .render import plural
 
 # ---------------------------------------------------------------------------------------------
 # Recording
@@ -638,7 +639,7 @@ def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[
     cfg = ck.config
     if not cfg.moe_layers:
         raise DsvError(f"{req.checkpoint}: no MoE layers (n_routed_experts is {cfg.n_routed_experts}, "
-                       f"first_k_dense_replace {cfg.first_k_dense_replace} of {cfg.num_hidden_layers} layers): "
+                       f"first_k_dense_replace {cfg.first_k_dense_replace} of {plural(cfg.num_hidden_layers, 'layer')}): "
                        "a dense-only checkpoint has no expert load to profile")
     E = cfg.n_routed_experts
     gpus = req.gpus if req.gpus is not None else default_gpus(E, req.redundant)

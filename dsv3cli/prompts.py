@@ -19,36 +19,27 @@ def user(text: str) -> Messages:
 
 
 def read_prompts_file(path: Path, option: str = "--prompts") -> list[Messages]:
-    """The chat messages of each prompt in a text or JSONL file (blank lines skipped). A file is
-    JSONL when its name ends in .jsonl/.json or its first line is a JSON object or list; each line
-    then holds {"messages": [...]}, a bare list of messages, or {"prompt"/"text": "..."}."""
+    """The chat messages of each prompt in a text or JSONL file (blank lines skipped): a line
+    starting with { or [ is JSON, {"messages": [...]}, a bare list of messages, or
+    {"prompt"/"text": "..."}; any other line is one user message as it is."""
     if not path.is_file():
         raise DsvError(f"{option} {path}: no such file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise DsvError(f"{path}: not UTF-8 text ({e.reason})") from None
-    numbered = [(n, ln) for n, ln in enumerate(lines, 1) if ln.strip()]
-    if not numbered:
+    out = [_messages(path, n, ln) if ln.lstrip().startswith(("{", "[")) else user(ln)
+           for n, ln in enumerate(lines, 1) if ln.strip()]
+    if not out:
         raise DsvError(f"{path}: no prompts (the file is empty); put one prompt per line or JSONL chat messages")
-    jsonl = path.suffix in (".jsonl", ".json") or _is_json(numbered[0][1])  # decided once per file
-    return [_messages(path, n, ln) if jsonl else user(ln) for n, ln in numbered]
-
-
-def _is_json(line: str) -> bool:
-    if not line.lstrip().startswith(("{", "[")):
-        return False
-    try:
-        return isinstance(json.loads(line), (dict, list))
-    except json.JSONDecodeError:
-        return False
+    return out
 
 
 def _messages(path: Path, n: int, line: str) -> Messages:
     try:
         item = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DsvError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        raise DsvError(f"{path}:{n}: starts like JSON but is not valid JSON ({e.msg})") from None
     if isinstance(item, dict) and "messages" in item:
         item = item["messages"]
     elif isinstance(item, dict) and isinstance(item.get("prompt", item.get("text")), str):

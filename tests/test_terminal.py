@@ -201,3 +201,9 @@ def test_generate_on_a_terminal_writes_no_control_bytes(tiny_bf16):
     # the random checkpoint's reply holds control bytes; only the terminal's own line ends remain
     body = term.raw.decode("utf-8", "replace").split("\r\n")[0]
     assert "\\x" in body and not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", body), repr(body)
+
+
+def test_counts_of_one_read_singular():
+    out = subprocess.run([DSV3, "estimate-cost", "--preset", "tiny", "--section", "params"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "COLUMNS": "120"}).stdout
+    assert "1 layer " in out and "1 module;" in out and "1 layers" not in out and "module(s)" not in out

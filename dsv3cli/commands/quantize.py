@@ -73,12 +73,14 @@ def command(
             res = convert_checkpoint(src, dst, progress=lambda done, total: bar.update(task, completed=done, total=total), **kwargs)
     else:
         res = convert_checkpoint(src, dst, **kwargs)
+    from ..render import plural
+
     if json_:
         print(json.dumps(res, indent=2))
     else:
         skipped = f", {res['shards_skipped']} already done" if res["shards_skipped"] else ""
         fmt = f" ({res['scale_fmt']} scales)" if res["scale_fmt"] else ""
         print(
-            f"{res['dst']}: {res['to']}{fmt}, {res['tensors']} tensors ({res['fp8_weights']} FP8) in {res['shards']} shards{skipped}, "
+            f"{res['dst']}: {res['to']}{fmt}, {plural(res['tensors'], 'tensor')} ({res['fp8_weights']} FP8) in {plural(res['shards'], 'shard')}{skipped}, "
             f"{res['total_size']:,} bytes, {res['seconds']:.1f} s on {res['device']}"
         )
