@@ -92,7 +92,7 @@ def _render_plan(plan: hub.Plan, as_json: bool) -> None:
     for lf in plan.files:
         status = f"partial {lf.have / lf.remote.size:.0%}" if lf.status == "partial" else _STATUS[lf.status]
         table.add_row(lf.remote.path, hub.human(lf.remote.size), status)
-    console = Console(width=120)
+    console = Console()  # the terminal's width, else $COLUMNS, else 80
     console.print(table)
     done = sum(1 for lf in plan.files if lf.status == "complete")
     print(f"{len(plan.files)} files, {hub.human(plan.total)} in all; {done} complete; "
