@@ -48,7 +48,7 @@ def test_prompt_ids_json_document(tiny_bf16):
         assert isinstance(o["text"], str)
     s = doc["stats"]
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "peak_rss_mb", "drafted",
-                "accepted", "acceptance_per_position", "tokens_per_forward", "main_forwards"):
+                "accepted", "acceptance_per_position", "tokens_per_forward", "main_forwards", "load_s"):
         assert key in s
     assert s["mtp"] == 2 and len(s["acceptance_per_position"]) == 2
     line = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -200,4 +200,6 @@ def test_under_torchrun_each_rank_runs_the_command(tiny_bf16):
                         capture_output=True, text=True, env=env, timeout=120)
     assert r2.returncode == 0, r2.stderr
     doc = json.loads(r2.stdout)  # one document: only rank 0 printed
+    rss = doc["stats"]["peak_rss_mb_per_rank"]  # each rank's, and their sum
+    assert len(rss) == 2 and all(m > 50 for m in rss) and doc["stats"]["peak_rss_mb"] == round(sum(rss), 1)
     assert [o["generated_ids"] for o in doc["outputs"]] == [o["generated_ids"] for o in json.loads(r1.stdout)["outputs"]]
