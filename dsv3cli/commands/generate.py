@@ -243,7 +243,7 @@ class _Printer:
         sys.stdout.write(terminal_safe(text) if self.escape else text)
 
 
-CHAT_COMMANDS = {"/help": "these commands", "/clear": "a new conversation", "/exit": "leave, as Ctrl-D does"}
+CHAT_COMMANDS = "/help, /clear (start over), /exit (or Ctrl-D)"
 
 
 def _chat(model, tok, kw: dict[str, Any], job: dict[str, Any], dist) -> None:
@@ -257,7 +257,7 @@ def _chat(model, tok, kw: dict[str, Any], job: dict[str, Any], dist) -> None:
     history = None
     if dist.rank == 0:
         history = _line_editing()
-        print("Chat: type a message; /help lists the commands; Ctrl-C stops a reply, Ctrl-D leaves.", file=sys.stderr)
+        print("Chat: /help lists the commands; Ctrl-C stops a reply, Ctrl-D leaves.", file=sys.stderr)
     while True:
         ids = _next_turn(tok, messages, job, history) if dist.rank == 0 else None
         if dist.world_size > 1:
@@ -318,7 +318,7 @@ def _next_turn(tok, messages: list[dict[str, str]], job: dict[str, Any], history
                 print("(new conversation)", file=sys.stderr)
                 continue
             unknown = "" if line == "/help" else f"unknown command {line.split()[0]}; "
-            print(unknown + "commands: " + ", ".join(f"{c} ({w})" for c, w in CHAT_COMMANDS.items()), file=sys.stderr)
+            print(f"{unknown}commands: {CHAT_COMMANDS}", file=sys.stderr)
             continue
         ids = encode(tok, messages + user(line), job["raw"])
         if len(ids) >= job["max_seq_len"]:
