@@ -30,8 +30,12 @@ app = typer.Typer(
 )
 
 
+def _debug() -> bool:
+    return os.environ.get("DSV3_DEBUG") == "1"
+
+
 def _report(message: str, code: int) -> typer.Exit:
-    if os.environ.get("DSV3_DEBUG") == "1":
+    if _debug():
         traceback.print_exc()
     print(f"Error: {message}", file=sys.stderr)
     return typer.Exit(code)
@@ -56,7 +60,8 @@ def boundary(fn: Callable) -> Callable:
             # Disk full, permissions, missing files: the OS message names the path.
             raise _report(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}", 1) from None
         except Exception as e:  # noqa: BLE001 - the boundary: anything else is our bug, still one line
-            raise _report(f"internal error: {type(e).__name__}: {e} (set DSV3_DEBUG=1 for a traceback)", 1) from None
+            hint = "" if _debug() else " (set DSV3_DEBUG=1 for a traceback)"
+            raise _report(f"internal error: {type(e).__name__}: {e}{hint}", 1) from None
 
     return run
 
@@ -83,7 +88,19 @@ def _root(
 
 
 def main() -> None:
-    app()
+    """The `dsv3` entry point: Typer's own usage errors (an unknown option, a value out of range, a
+    missing argument) become one `Error:` line and exit code 2, like the commands' own."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        code = 1
+    except typer.TyperException as e:
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        if message:  # empty when the command's help was shown instead (no arguments)
+            print(f"Error: {message}", file=sys.stderr)
+        code = getattr(e, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from .config import ModelConfig
 from .errors import DsvError
+from .render import plural
 
 # Linear weights the hub stores as F8_E4M3 with a sibling `weight_scale_inv`: attention
 # projections and every MLP projection (dense, routed experts, shared experts), MTP layer
@@ -432,7 +433,7 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
         p = folder / shard
         if not p.is_file():
             n = sum(1 for s in weight_map.values() if s == shard) if weight_map else 0
-            P(f"{shard}: missing ({n} tensors in the index live there); download it again")
+            P(f"{shard}: missing ({plural(n, 'tensor')} of the index live there); download it again")
             continue
         try:
             h, _ = read_header(p)
@@ -527,7 +528,7 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
             )
         if not cfg.is_fp8 and fp8_weights:
             P(
-                f"config.json: no fp8 quantization_config but {len(fp8_weights)} tensors are F8_E4M3 "
+                f"config.json: no fp8 quantization_config but {len(fp8_weights)} of the tensors are F8_E4M3 "
                 f"(e.g. {_examples(sorted(fp8_weights), 2)}); add quantization_config or run dsv3 quantize --to bf16"
             )
         if cfg.is_fp8:
@@ -598,7 +599,7 @@ def _check_values(folder: Path, infos: dict[str, TensorInfo], where: dict[str, s
                     t = f.get_tensor(n)
                     bad = _count_nonfinite(t, dtype)
                     if bad:
-                        rep.problems.append(f"{shard}: {n} has {bad} NaN/Inf values")
+                        rep.problems.append(f"{shard}: {n} has {plural(bad, 'NaN/Inf value')}")
                     elif ue8m0 and n.endswith(SCALE_SUFFIX) and dtype == "F32":
                         import torch
 

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 from .config import ModelConfig, load_preset
 from .errors import DsvError, UsageError
+from .render import plural
 
 BLOCK = 128  # FP8 weight scales cover 128x128 blocks
 HBM_USABLE = 0.90  # share of HBM left for weights + KV after activations, workspace, fragmentation
@@ -311,10 +312,10 @@ class Scenario:
         if self.mfu is not None and not 0.0 < self.mfu <= 1.0:
             raise UsageError(f"--mfu {self.mfu}: must be in (0, 1], a fraction of the dense {self.mfu_basis} peak (0.39 = 39%)")
         for opt, v in (("--price", self.price), ("--tokens", self.tokens), ("--gpus", self.gpus),
-                       ("--context", self.context), ("--batch", self.batch)):
+                       ("--max-seq-len", self.context), ("--batch-size", self.batch)):
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise UsageError(f"{opt} {v:g}: must be a positive number")
-        for opt, v in (("--gpus", self.gpus), ("--context", self.context), ("--batch", self.batch)):
+        for opt, v in (("--gpus", self.gpus), ("--max-seq-len", self.context), ("--batch-size", self.batch)):
             if v is not None and v != int(v):
                 raise UsageError(f"{opt} {v:g}: must be a whole number")
         find_gpu(self.gpu).peak_flops(self.mfu_basis)  # unknown GPU, or FP8 basis on a GPU without FP8
@@ -395,11 +396,11 @@ def params_tables(cfg: ModelConfig) -> list[Table]:
     dense = cfg.num_hidden_layers - moe
     where = {
         "embedding": "lookup: not a matmul",
-        "attention": f"{cfg.num_hidden_layers} layers",
-        "dense_mlp": f"{dense} layers",
-        "routed_experts": f"{moe} layers x {cfg.n_routed_experts}, {cfg.num_experts_per_tok or 0} per token",
-        "shared_experts": f"{moe} layers x {cfg.n_shared_experts}",
-        "router": f"{moe} layers",
+        "attention": plural(cfg.num_hidden_layers, "layer"),
+        "dense_mlp": plural(dense, "layer"),
+        "routed_experts": f"{plural(moe, 'layer')} x {cfg.n_routed_experts}, {cfg.num_experts_per_tok or 0} per token",
+        "shared_experts": f"{plural(moe, 'layer')} x {cfg.n_shared_experts}",
+        "router": plural(moe, "layer"),
         "norms": "RMSNorm weights",
         "head": "tied to the embedding" if cfg.tie_word_embeddings else "",
     }
@@ -410,7 +411,7 @@ def params_tables(cfg: ModelConfig) -> list[Table]:
         {"component": "main model, embedding counted", "params": p.main_total, "activated": p.main_active_with_embedding,
          "where": "README_WEIGHTS style (it quotes 36.7B for V3)"},
         {"component": "MTP modules (own weights)", "params": p.mtp_total, "activated": p.mtp_active,
-         "where": f"{cfg.num_nextn_predict_layers} module(s); embedding and head shared with the main model"},
+         "where": f"{plural(cfg.num_nextn_predict_layers, 'module')}; embedding and head shared with the main model"},
         {"component": "MTP incl. the shared head", "params": p.mtp_total, "activated": p.mtp_active + p.total["head"],
          "where": "what one MTP draft token multiplies by"},
         {"component": "checkpoint files", "params": p.checkpoint_total, "activated": None,
@@ -649,7 +650,7 @@ def inference_tables(cfg: ModelConfig, sc: Scenario) -> list[Table]:
              ("gqa_bf16", f"GQA-{GQA_KV_HEADS} BF16", f"{GQA_KV_HEADS} K/V heads, same head dims",
               kv_bytes_per_token(cfg, "gqa", 2)),
              ("mha_bf16", "MHA BF16", f"{cfg.num_attention_heads} K/V heads, same head dims", kv_bytes_per_token(cfg, "mha", 2))]
-    kv = Table("kv_cache", f"KV cache per token ({cfg.num_hidden_layers} layers)",
+    kv = Table("kv_cache", f"KV cache per token ({plural(cfg.num_hidden_layers, 'layer')})",
                [("cache", "cache", "text"), ("what", "holds", "text"), ("bytes", "bytes / token", "int"),
                 ("vs_mla", "x MLA BF16", "x")],
                [{"cache": lab, "what": what, "bytes": v, "vs_mla": v / mla} for _, lab, what, v in kinds])

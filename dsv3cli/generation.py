@@ -27,6 +27,7 @@ import torch
 from .errors import UsageError
 from .model import rows_at
 from .parallel import Dist
+from .render import plural
 
 
 # ---- sampling ------------------------------------------------------------------------------
@@ -175,6 +176,18 @@ def peak_memory_mb() -> tuple[float, float | None]:
     )
 
 
+def peak_rss_mb_per_rank(dist: Dist) -> list[float]:
+    """Every rank's peak resident set in MB, on every rank (a collective when world_size > 1)."""
+    mine = round(peak_rss_bytes() / 2**20, 1)
+    if dist.world_size == 1:
+        return [mine]
+    import torch.distributed as tdist
+
+    out: list = [None] * dist.world_size
+    tdist.all_gather_object(out, mine, group=dist.group)
+    return out
+
+
 def peak_rss_bytes() -> int:
     """VmHWM of this process. getrusage's ru_maxrss is not used where /proc exists: Linux carries
     it over from the parent across fork + exec, so a small child of a big parent reports the parent's."""
@@ -218,7 +231,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len
             raise UsageError(f"prompt {i + 1}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         if len(p) >= max_seq_len:
             raise UsageError(
-                f"prompt {i + 1}: {len(p)} tokens leave no room under --max-seq-len {max_seq_len}; "
+                f"prompt {i + 1} ({plural(len(p), 'token')}) leaves no room under --max-seq-len {max_seq_len}; "
                 "raise --max-seq-len or shorten the prompt"
             )
 

@@ -25,6 +25,7 @@ from .errors import DsvError
 from .model import Transformer
 from .ops import Runtime
 from .parallel import BLOCK, Dist, block_cover, split_range
+from .parallel import resolve_dtype
 
 # How each tensor is split, by HF name (first match wins). The scale of an FP8 weight follows its
 # weight, in block units.
@@ -48,6 +49,12 @@ SPLIT_DIM = {"vocab": 0, "col": 0, "row": 1}
 SCALE = "_scale_inv"
 
 F8 = "F8_E4M3"
+
+
+def compute_dtype(ck: Checkpoint, requested: str) -> torch.dtype:
+    """--dtype for this checkpoint (generate and profile-experts alike): auto is float32 when the
+    embedding, which no checkpoint quantizes, is stored as F32, else bfloat16."""
+    return resolve_dtype(requested, ck.dtype("model.embed_tokens.weight") if requested == "auto" else None)
 
 
 def shard_kind(name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -26,5 +27,6 @@ DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Compute dtype; auto = 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="A git revision (branch, tag or commit) on the hub.")]
 TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="HF_TOKEN", help="Hub token (default: $HF_TOKEN or the saved login).")]
+PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file: one text per line; a line starting with { or [ is JSON, {\"messages\": [...]} or {\"prompt\": \"...\"} (chat template applied unless --raw).", show_default=False)]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per process for torch's intra-op work (default: torch's choice). 1 is often fastest for small models on a busy machine.")]
 NprocOpt = Annotated[int, typer.Option("--nproc", min=1, help="Processes to launch on this machine (tensor + expert parallel); under torchrun leave at 1.")]

@@ -27,11 +27,12 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .errors import DsvError, UsageError
+from .render import plural
 
 # ---------------------------------------------------------------------------------------------
 # Recording
@@ -596,63 +597,6 @@ def write_outputs(out: Path, doc: dict[str, Any], *, heatmap: bool = True) -> li
     return written
 
 
-def read_prompts(path: Path, load_tokenizer: Callable[[], Any], *, raw: bool) -> list[list[int]]:
-    """Token lists from a prompt file: one text per line, or JSONL with {"messages": [...]},
-    a bare list of messages, or {"prompt"/"text": "..."}. Chat template unless raw.
-    The tokenizer is loaded (`load_tokenizer()`) only once the file has prompts."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DsvError(f"{path}: not UTF-8 text ({e.reason})") from e
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise DsvError(f"{path}: no prompts (the file is empty); put one prompt per line or JSONL chat messages")
-    tokenizer = load_tokenizer()
-    out = []
-    for n, ln in enumerate(lines, 1):
-        item: Any = ln
-        s = ln.lstrip()
-        if s.startswith("{") or s.startswith("["):
-            try:
-                item = json.loads(s)
-            except json.JSONDecodeError as e:
-                raise DsvError(f"{path}:{n}: looks like JSON but does not parse ({e.msg})") from e
-        if isinstance(item, dict) and "messages" in item:
-            item = item["messages"]
-        elif isinstance(item, dict):
-            item = item.get("prompt", item.get("text"))
-            if not isinstance(item, str):
-                raise DsvError(f'{path}:{n}: a JSON line needs "messages", "prompt" or "text"')
-        if isinstance(item, list):
-            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in item):
-                raise DsvError(f'{path}:{n}: messages must be objects with "role" and "content"')
-            messages = item
-        else:
-            messages = [{"role": "user", "content": item}]
-        if raw:
-            txt = "\n".join(str(m["content"]) for m in messages)
-            ids = list(tokenizer.encode(txt))
-            if getattr(tokenizer, "bos_id", None) is not None:
-                ids = [tokenizer.bos_id] + ids
-        else:
-            ids = list(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
-        out.append(ids)
-    return out
-
-
-def parse_prompt_ids(values: Iterable[str]) -> list[list[int]]:
-    out = []
-    for v in values:
-        try:
-            ids = [int(x) for x in v.replace(" ", "").split(",") if x != ""]
-        except ValueError as e:
-            raise UsageError(f"--prompt-ids {v!r}: expected comma-separated integers like 1,2,3") from e
-        if not ids:
-            raise UsageError(f"--prompt-ids {v!r}: empty; give at least one token id")
-        out.append(ids)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole run (what the command calls)
 # ---------------------------------------------------------------------------------------------
@@ -695,7 +639,7 @@ def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[
     cfg = ck.config
     if not cfg.moe_layers:
         raise DsvError(f"{req.checkpoint}: no MoE layers (n_routed_experts is {cfg.n_routed_experts}, "
-                       f"first_k_dense_replace {cfg.first_k_dense_replace} of {cfg.num_hidden_layers} layers): "
+                       f"first_k_dense_replace {cfg.first_k_dense_replace} of {plural(cfg.num_hidden_layers, 'layer')}): "
                        "a dense-only checkpoint has no expert load to profile")
     E = cfg.n_routed_experts
     gpus = req.gpus if req.gpus is not None else default_gpus(E, req.redundant)
@@ -703,12 +647,13 @@ def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[
     if req.compare_bias and cfg.topk_method != "noaux_tc":
         raise UsageError(f"--compare-bias: this checkpoint routes with {cfg.topk_method!r}, which has no correction bias")
     if req.prompts_file is not None:
+        from .prompts import encode, read_prompts_file
         from .tokenizer import load_tokenizer
 
         pf = Path(req.prompts_file)
-        if not pf.is_file():
-            raise DsvError(f"--prompts {pf}: no such file")
-        token_lists = read_prompts(pf, lambda: load_tokenizer(req.checkpoint), raw=req.raw)
+        messages = read_prompts_file(pf)
+        tok = load_tokenizer(req.checkpoint)
+        token_lists = [encode(tok, m, req.raw) for m in messages]
         source = f"--prompts {pf}"
     else:
         token_lists = [list(t) for t in req.prompt_ids]
@@ -723,13 +668,12 @@ def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[
                 raise DsvError("--out writes heatmap.png, which needs matplotlib: pip install 'dsv3[plot]' "
                                "(or pass --no-heatmap)") from e
 
-    from .loading import load_model
-    from .parallel import Dist, resolve_device, resolve_dtype
+    from .loading import compute_dtype, load_model
+    from .parallel import Dist, resolve_device
 
     dist = dist or Dist()
     device = resolve_device(req.device)
-    probe = next((n for n in ck.names() if n.endswith("mlp.gate.weight")), None)
-    dtype = resolve_dtype(req.dtype, ck.dtype(probe) if probe else None)
+    dtype = compute_dtype(ck, req.dtype)
     max_len = max(len(t) for t in token_lists) + req.generate
     batch = min(req.batch_size, len(token_lists))
     model = load_model(ck, dist, dtype=dtype, device=device, max_batch_size=batch, max_seq_len=max(max_len, 16), mtp=False)

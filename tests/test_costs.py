@@ -243,7 +243,7 @@ def test_cli_json_is_one_document_with_every_table():
 
 
 def test_json_holds_every_number_the_tables_show():
-    args = ["estimate-cost", "--gpu", "H200", "--mfu", "0.3", "--batch", "8", "--context", "16384"]
+    args = ["estimate-cost", "--gpu", "H200", "--mfu", "0.3", "--batch-size", "8", "--max-seq-len", "16384"]
     md = runner.invoke(app, [*args, "--format", "markdown"]).stdout
     doc = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
     shown = 0
@@ -284,8 +284,10 @@ def test_cli_sections_and_formats():
     (["--price", "-2"], 2, ["--price"]),
     (["--gpus", "0"], 2, ["--gpus"]),
     (["--gpus", "1.5"], 2, ["--gpus"]),
-    (["--context", "0"], 2, ["--context"]),
-    (["--batch", "-1"], 2, ["--batch"]),
+    (["--max-seq-len", "0"], 2, ["--max-seq-len"]),
+    (["--batch-size", "-1"], 2, ["--batch-size"]),
+    (["--context", "0"], 2, ["--max-seq-len"]),  # the old spellings, hidden
+    (["--batch", "-1"], 2, ["--batch-size"]),
     (["--mfu-basis", "fp4"], 2, ["--mfu-basis"]),
     (["--gpu", "A100", "--mfu-basis", "fp8"], 2, ["A100", "FP8"]),
     (["--section", "dollars"], 2, ["--section"]),

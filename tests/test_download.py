@@ -188,7 +188,7 @@ def test_dropped_connection_then_rerun_resumes(env, tiny_fp8, tmp_path, monkeypa
     # The connection drops after 1 MB; the retry then meets a failing hub and the run gives up.
     env.set_fault(shard, Fault("drop", after=1_000_000), Fault("status", status=503, times=None))
     out = tmp_path / "v3"
-    r = dsv3("download", "--local-dir", out, "--workers", "2")
+    r = dsv3("download", "--local-dir", out, "--max-workers", "2")
     one_line_error(r, "503", "stays", "rerun")
     assert not (out / shard).exists()
     partial = hub.partial_path(out, next(f for f in hub.open_snapshot(REPO).files if f.path == shard))

@@ -48,7 +48,7 @@ def test_prompt_ids_json_document(tiny_bf16):
         assert isinstance(o["text"], str)
     s = doc["stats"]
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "peak_rss_mb", "drafted",
-                "accepted", "acceptance_per_position", "tokens_per_forward", "main_forwards"):
+                "accepted", "acceptance_per_position", "tokens_per_forward", "main_forwards", "load_s"):
         assert key in s
     assert s["mtp"] == 2 and len(s["acceptance_per_position"]) == 2
     line = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -76,7 +76,7 @@ def test_prompt_files_text_and_jsonl(tiny_bf16, tmp_path):
     tok = load_tokenizer(tiny_bf16)
     txt = tmp_path / "prompts.txt"
     txt.write_text("The harbour\n\nA cat walked\n", encoding="utf-8")
-    r = gen(tiny_bf16, "--file", txt, "--json", "--batch-size", "2", *FAST)
+    r = gen(tiny_bf16, "--prompts", txt, "--json", "--batch-size", "2", *FAST)
     assert r.exit_code == 0, r.output
     got = [o["prompt_ids"] for o in json.loads(r.stdout)["outputs"]]
     assert got == [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in ("The harbour", "A cat walked")]
@@ -84,7 +84,7 @@ def test_prompt_files_text_and_jsonl(tiny_bf16, tmp_path):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
     jl = tmp_path / "chat.jsonl"
     jl.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"prompt": "Weather report"}) + "\n")
-    r = gen(tiny_bf16, "--file", jl, "--json", *FAST)
+    r = gen(tiny_bf16, "--prompts", jl, "--json", *FAST)
     assert r.exit_code == 0, r.output
     got = [o["prompt_ids"] for o in json.loads(r.stdout)["outputs"]]
     assert got == [tok.encode(tok.apply_chat_template(messages)),
@@ -128,7 +128,7 @@ def test_bad_input_one_line(tiny_bf16, tmp_path):
     one_error_line(gen(tmp_path / "nowhere", "--prompt-ids", "1"), 1, "nowhere")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"oops": 1}\n')
-    one_error_line(gen(tiny_bf16, "--file", bad), 1, "bad.jsonl:2")
+    one_error_line(gen(tiny_bf16, "--prompts", bad), 1, "bad.jsonl:2")
     if not torch.cuda.is_available():
         one_error_line(gen(tiny_bf16, "--prompt-ids", "1", "--device", "cuda"), 1, "CUDA")
 
@@ -173,7 +173,7 @@ def test_interactive_chat_in_a_terminal(tiny_bf16):
 
     master, slave = pty.openpty()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "-m", "dsv3cli.app", "generate", str(tiny_bf16), *FAST],
+    p = subprocess.Popen([sys.executable, "-m", "dsv3cli.app", "generate", str(tiny_bf16), "--verbose", *FAST],
                          stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     os.close(slave)
     for line in ("Hello\n", "Again\n", "/clear\n", "Again\n", "/exit\n"):
@@ -200,4 +200,6 @@ def test_under_torchrun_each_rank_runs_the_command(tiny_bf16):
                         capture_output=True, text=True, env=env, timeout=120)
     assert r2.returncode == 0, r2.stderr
     doc = json.loads(r2.stdout)  # one document: only rank 0 printed
+    rss = doc["stats"]["peak_rss_mb_per_rank"]  # each rank's, and their sum
+    assert len(rss) == 2 and all(m > 50 for m in rss) and doc["stats"]["peak_rss_mb"] == round(sum(rss), 1)
     assert [o["generated_ids"] for o in doc["outputs"]] == [o["generated_ids"] for o in json.loads(r1.stdout)["outputs"]]

@@ -34,3 +34,12 @@ def test_wheel_layout_and_imports(tmp_path):
     )
     env = {"PYTHONPATH": str(wheel), "PATH": "/usr/bin:/bin", "DSV3_CACHE": str(tmp_path / "cache")}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+
+
+def test_triton_only_in_the_test_extra():
+    """Triton (~1 GB) serves CUDA only, where torch's CUDA builds bring it: a CPU install skips it."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("triton") for d in project["dependencies"])
+    assert any(d.startswith("triton") for d in project["optional-dependencies"]["test"])

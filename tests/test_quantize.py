@@ -156,7 +156,7 @@ def test_round_trip_fp8_bf16_fp8(to_bf16, tmp_path):
 def test_ue8m0_and_determinism(tiny_bf16, tmp_path):
     outs = []
     for k in range(2):
-        r = _run(tiny_bf16, tmp_path / f"u{k}", "--scale-fmt", "ue8m0", "--workers", str(k + 1))
+        r = _run(tiny_bf16, tmp_path / f"u{k}", "--scale-fmt", "ue8m0", "--threads", str(k + 1))
         assert r.exit_code == 0, r.output
         outs.append(_files(tmp_path / f"u{k}"))
     assert outs[0] == outs[1]  # deterministic, whatever the thread count

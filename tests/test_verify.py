@@ -121,7 +121,7 @@ CASES = {
     "missing_tensor": ("tiny_bf16", lambda d: _drop_everywhere(d, "model.norm.weight"), "model.norm.weight: missing", []),
     "fp8_tensors_without_config": ("tiny_fp8", lambda d: _config(d, lambda c: c.pop("quantization_config")), "no fp8 quantization_config", []),
     "fp8_config_without_tensors": ("tiny_bf16", lambda d: _config(d, lambda c: c.__setitem__("quantization_config", {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})), "quantization_config says fp8", []),
-    "nan_values": ("tiny_bf16", lambda d: _nan(d, QB), f"{QB} has 1 NaN/Inf values", ["--check-values"]),
+    "nan_values": ("tiny_bf16", lambda d: _nan(d, QB), f"{QB} has 1 NaN/Inf value", ["--check-values"]),
     "index_lfs_pointer": ("tiny_fp8", lambda d: _lfs_pointer(d, INDEX), f"{INDEX}: a Git LFS pointer file", []),
     "index_not_json": ("tiny_bf16", lambda d: (d / INDEX).write_text('{"weight_map": '), f"{INDEX}: not valid JSON", []),
     "config_missing": ("tiny_fp8", lambda d: (d / "config.json").unlink(), "no config.json here", []),

@@ -47,7 +47,8 @@ def command(
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only files matching this glob (repeatable).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Skip files matching this glob (repeatable).")] = None,
     only: Annotated[Optional[list[Only]], typer.Option("--only", help="Only the config files, the tokenizer, or the MTP layer's shards (+ config and index); repeatable.")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Files fetched (and hashed) in parallel.")] = 8,
+    max_workers: Annotated[Optional[int], typer.Option("--max-workers", min=1, help="Files fetched (and hashed) in parallel.", show_default="8")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, hidden=True)] = None,  # old spelling
     token: TokenOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the files, sizes, what is already complete and the free disk; write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start even when the free disk is below what remains to fetch.")] = False,
@@ -67,7 +68,7 @@ def command(
     if dry_run:
         _render_plan(plan, as_json)
         return
-    result = hub.download(plan, workers=workers, force=force, verify=verify)
+    result = hub.download(plan, workers=max_workers or workers or 8, force=force, verify=verify)
     _render_result(result, as_json)
     if not result.ok:
         failing = (result.verify.problems if result.verify else []) + (result.format_problems or [])
@@ -91,7 +92,7 @@ def _render_plan(plan: hub.Plan, as_json: bool) -> None:
     for lf in plan.files:
         status = f"partial {lf.have / lf.remote.size:.0%}" if lf.status == "partial" else _STATUS[lf.status]
         table.add_row(lf.remote.path, hub.human(lf.remote.size), status)
-    console = Console(width=120)
+    console = Console()  # the terminal's width, else $COLUMNS, else 80
     console.print(table)
     done = sum(1 for lf in plan.files if lf.status == "complete")
     print(f"{len(plan.files)} files, {hub.human(plan.total)} in all; {done} complete; "

@@ -7,7 +7,7 @@ Examples:
 
   dsv3 estimate-cost
   dsv3 estimate-cost --section training --gpu B200 --price 3.5 --gpus 4096
-  dsv3 estimate-cost --preset kimi-k2 --section inference --gpu H200 --batch 64 --context 32768
+  dsv3 estimate-cost --preset kimi-k2 --section inference --gpu H200 --batch-size 64 --max-seq-len 32768
   dsv3 estimate-cost --config /models/DeepSeek-R1/config.json --mfu 0.35 --mfu-basis bf16
   dsv3 estimate-cost --section gpus --format markdown
   dsv3 estimate-cost --json > costs.json
@@ -49,10 +49,13 @@ def command(
     gpus: Annotated[Optional[str], typer.Option(
         "--gpus", help="GPUs: the training cluster (default 2,048) and the serving group (default: the fewest "
         "that fit).", **_NUM)] = None,
-    context: Annotated[Optional[str], typer.Option(
-        "--context", help="Training sequence length and serving context in tokens (default 4096).", **_NUM)] = None,
-    batch: Annotated[str, typer.Option(
-        "--batch", help="Sequences served together (decode batch; prefill prompts).", **_NUM)] = "32",
+    max_seq_len: Annotated[Optional[str], typer.Option(
+        "--max-seq-len", help="Training sequence length and serving context in tokens (default 4096).", **_NUM)] = None,
+    batch_size: Annotated[Optional[str], typer.Option(
+        "--batch-size", help="Sequences served together (decode batch; prefill prompts).", show_default="32",
+        **_NUM)] = None,
+    context: Annotated[Optional[str], typer.Option("--context", hidden=True, **_NUM)] = None,  # old spelling
+    batch: Annotated[Optional[str], typer.Option("--batch", hidden=True, **_NUM)] = None,  # old spelling
     section: Annotated[Optional[str], typer.Option(
         "--section", help="Show one table group: params, training, inference or gpus.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table (rich), csv or markdown.")] = "table",
@@ -81,8 +84,9 @@ def command(
         return None if x is None else int(x)
 
     sc = costs.Scenario(gpu=gpu, price=num("--price", price), mfu=num("--mfu", mfu), mfu_basis=mfu_basis.lower(),
-                        tokens=num("--tokens", tokens), gpus=whole("--gpus", gpus), context=whole("--context", context),
-                        batch=whole("--batch", batch))
+                        tokens=num("--tokens", tokens), gpus=whole("--gpus", gpus),
+                        context=whole("--max-seq-len", max_seq_len or context),
+                        batch=whole("--batch-size", batch_size or batch or "32"))
     result = costs.estimate(cfg, sc, model=name, sections=(section,) if section else costs.SECTIONS)
     tables = [t for ts in result["sections"].values() for t in ts]
     if as_json:
@@ -122,19 +126,13 @@ def _markdown(tables, model: str, fv) -> str:
 
 
 def _rich(tables, model: str, fv) -> None:
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # piped to a file: do not squeeze the tables into 80 columns
-        console = Console(width=160)
-    console.print(f"[bold]dsv3 estimate-cost[/bold]: {model}")
+    from ..render import fitted_tables
+
+    console = Console()  # its width: the terminal's, else $COLUMNS, else 80
+    console.print(f"[bold]dsv3 estimate-cost[/bold]: {model}\n")
     for t in tables:
-        rt = Table(title=t.title, title_justify="left", box=box.SIMPLE_HEAD,
-                   caption="\n".join(t.notes) or None, caption_justify="left")
-        for _, label, f in t.columns:
-            rt.add_column(label, justify="left" if f == "text" else "right", no_wrap=f != "text", overflow="fold")
-        for r in t.rows:
-            rt.add_row(*(fv(v, f) for v, f in t.cells(r)))
-        console.print(rt)
+        fitted_tables(console, t.title, [label for _, label, _ in t.columns],
+                      [[fv(v, f) for v, f in t.cells(r)] for r in t.rows],
+                      [f != "text" for _, _, f in t.columns], t.notes)

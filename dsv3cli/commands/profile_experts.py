@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UsageError
-from ..options import DeviceOpt, DType, DTypeOpt, Device, JsonOpt, NprocOpt
+from ..options import DeviceOpt, DType, DTypeOpt, Device, JsonOpt, NprocOpt, PromptsOpt
 
 NAME = "profile-experts"
 NO_ARGS_IS_HELP = True
@@ -31,7 +31,7 @@ NO_ARGS_IS_HELP = True
 
 def command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder in the hub layout.", show_default=False)],
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: one text per line, or JSONL with {\"messages\": [...]} (chat template applied unless --raw).")] = None,
+    prompts: PromptsOpt = None,
     prompt_ids: Annotated[Optional[list[str]], typer.Option("--prompt-ids", help="Token ids of one prompt, comma-separated; repeat for more prompts.")] = None,
     generate: Annotated[int, typer.Option("--generate", min=0, help="Also generate N tokens per prompt (greedy) and profile prompt + generated tokens.")] = 0,
     raw: Annotated[bool, typer.Option("--raw", help="Use prompt text as is (BOS + text), without the chat template.")] = False,
@@ -47,7 +47,7 @@ def command(
     nproc: NprocOpt = 1,
     json_out: JsonOpt = False,
 ) -> None:
-    from ..profiling import parse_prompt_ids
+    from ..prompts import parse_prompt_ids
 
     job = {
         "checkpoint": str(checkpoint), "prompts_file": str(prompts) if prompts else None,
@@ -124,13 +124,16 @@ def _render(doc: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ..render import plural
+
     con = Console()
     ov = doc["metrics"]["overall"]
     lay = doc["layout"]
     plan = doc["plan"]
     nobias = "nobias" in ov
-    t = Table(title=f"Expert load: {doc['tokens']} tokens, {doc['prompts']} prompts, {len(doc['moe_layers'])} MoE layers, "
-                    f"{doc['n_routed_experts']} experts, top-{doc['num_experts_per_tok']}",
+    t = Table(title=f"Expert load: {plural(doc['tokens'], 'token')}, {plural(doc['prompts'], 'prompt')}, "
+                    f"{plural(len(doc['moe_layers']), 'MoE layer')}, {plural(doc['n_routed_experts'], 'expert')}, "
+                    f"top-{doc['num_experts_per_tok']}",
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     t.add_column("layer", justify="right")
     t.add_column("MaxVio", justify="right")
@@ -152,7 +155,7 @@ def _render(doc: dict[str, Any]) -> None:
                 " ".join(f"{e}:{n}" for e, n in m["hottest"][:2]), " ".join(f"{e}:{n}" for e, n in m["coldest"][:1])]
         t.add_row(*row)
     con.print(t)
-    con.print(f"bal. = balancedness (mean/max GPU load) over {lay['gpus']} GPUs without a plan; plan = with the "
+    con.print(f"bal. = balancedness (mean/max GPU load) over {plural(lay['gpus'], 'GPU')} without a plan; plan = with the "
               f"{plan['method']} plan (+{lay['redundant']} replicas); groups = mean expert groups per token "
               f"(topk_group {ov['topk_group']}); hot/cold = expert:tokens", style="dim")
     s = Table(title="Overall", title_justify="left", show_header=False, box=box.SIMPLE, pad_edge=False)
@@ -163,13 +166,13 @@ def _render(doc: dict[str, Any]) -> None:
         s.add_row("MaxVio without the bias (mean)", f"{ov['nobias']['maxvio_mean']:.3f}")
     s.add_row("coefficient of variation (mean)", f"{ov['cv_mean']:.3f}")
     s.add_row("normalised entropy (mean)", f"{ov['entropy_mean']:.3f}")
-    s.add_row(f"balancedness, {lay['gpus']} GPUs, plain EP (mean / worst)", f"{ov['balancedness_mean']:.3f} / {ov['balancedness_min']:.3f}")
+    s.add_row(f"balancedness, {plural(lay['gpus'], 'GPU')}, plain EP (mean / worst)", f"{ov['balancedness_mean']:.3f} / {ov['balancedness_min']:.3f}")
     s.add_row(f"balancedness, {plan['method']} plan, +{lay['redundant']} replicas (mean / worst)",
               f"{ov['balancedness_planned_mean']:.3f} / {ov['balancedness_planned_min']:.3f}")
     s.add_row(f"groups per token (mean / max; topk_group {ov['topk_group']} of {ov['n_group']})",
               f"{ov['group_spread']['mean']:.2f} / {ov['group_spread']['max']}")
     s.add_row(f"tokens spanning all topk_group = {ov['topk_group']} groups", f"{ov['group_spread']['at_limit']:.1%}")
-    s.add_row(f"nodes per token (mean / max; {lay['nodes']} nodes)", f"{ov['node_spread']['mean']:.2f} / {ov['node_spread']['max']}")
+    s.add_row(f"nodes per token (mean / max; {plural(lay['nodes'], 'node')})", f"{ov['node_spread']['mean']:.2f} / {ov['node_spread']['max']}")
     con.print(s)
     for f in doc.get("files", []):
         con.print(f"wrote {f}")

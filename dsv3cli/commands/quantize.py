@@ -10,7 +10,7 @@ Examples:
 
   dsv3 quantize ./DeepSeek-V3 ./v3-bf16 --resume --json
 
-  dsv3 quantize ./tiny-bf16 ./tiny-fp8 --device cpu --workers 2
+  dsv3 quantize ./tiny-bf16 ./tiny-fp8 --device cpu --threads 2
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def command(
     dst: Annotated[Path, typer.Argument(help="Output folder (created; must be empty unless --resume/--force).")],
     to: Annotated[Optional[To], typer.Option("--to", help="Target format; default: the other one.")] = None,
     device: DeviceOpt = Device.auto,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="CPU threads for the conversion (default: all cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the conversion (default: all cores).", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, hidden=True)] = None,  # old spelling
     scale_fmt: Annotated[Optional[ScaleFmt], typer.Option("--scale-fmt", help="FP8 scales: e4m3 (float32, default) or ue8m0 (powers of two, as V3.1).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in DST, skipping its finished, verified shards.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty DST.")] = False,
@@ -55,7 +56,7 @@ def command(
     kwargs = dict(
         to=to.value if to else None,
         device=device.value,
-        workers=workers,
+        workers=threads or workers,
         scale_fmt=scale_fmt.value if scale_fmt else None,
         resume=resume,
         force=force,
@@ -72,12 +73,14 @@ def command(
             res = convert_checkpoint(src, dst, progress=lambda done, total: bar.update(task, completed=done, total=total), **kwargs)
     else:
         res = convert_checkpoint(src, dst, **kwargs)
+    from ..render import plural
+
     if json_:
         print(json.dumps(res, indent=2))
     else:
         skipped = f", {res['shards_skipped']} already done" if res["shards_skipped"] else ""
         fmt = f" ({res['scale_fmt']} scales)" if res["scale_fmt"] else ""
         print(
-            f"{res['dst']}: {res['to']}{fmt}, {res['tensors']} tensors ({res['fp8_weights']} FP8) in {res['shards']} shards{skipped}, "
+            f"{res['dst']}: {res['to']}{fmt}, {plural(res['tensors'], 'tensor')} ({res['fp8_weights']} FP8) in {plural(res['shards'], 'shard')}{skipped}, "
             f"{res['total_size']:,} bytes, {res['seconds']:.1f} s on {res['device']}"
         )

@@ -35,6 +35,7 @@ def command(
     json_: JsonOpt = False,
 ) -> None:
     from ..checkpoint import validate
+    from ..render import plural
     from ..tiny import make_tiny
 
     path = make_tiny(out, seed=seed, fp8=fp8, shards=shards, preset=preset, force=force)
@@ -43,4 +44,4 @@ def command(
         print(json.dumps(s, indent=2))
         return
     print(f"{s['path']}: {s['tensors']} tensors, {s['parameters']:,} parameters, {s['bytes']:,} bytes, "
-          f"{s['format'].upper()}, {s['shards']} shards, MTP {'yes' if s['mtp'] else 'no'}")
+          f"{s['format'].upper()}, {plural(s['shards'], 'shard')}, MTP {'yes' if s['mtp'] else 'no'}")

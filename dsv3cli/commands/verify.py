@@ -39,6 +39,7 @@ def command(
     token: TokenOpt = None,
 ) -> None:
     from ..checkpoint import validate
+    from ..render import plural
 
     if check_values and sys.stderr.isatty():
         from rich.console import Console
@@ -63,7 +64,7 @@ def command(
         s = rep.summary
         if "tensors" in s:
             dtypes = ", ".join(f"{k} {v}" for k, v in s["dtypes"].items())
-            print(f"{s['path']}: {s['tensors']} tensors in {s['shards']} shard(s), {s['bytes']:,} bytes, "
+            print(f"{s['path']}: {plural(s['tensors'], 'tensor')} in {plural(s['shards'], 'shard')}, {s['bytes']:,} bytes, "
                   f"{s['parameters']:,} parameters")
             print(f"  dtypes: {dtypes or '-'}; FP8 weights: {s['fp8_weights']}; MTP layer: "
                   f"{'present' if s['mtp'] else 'absent (config.json declares it)' if s['mtp_in_config'] else 'absent'}; values checked: {'yes' if s['values_checked'] else 'no'}")
@@ -71,6 +72,6 @@ def command(
             print(f"warning: {w}")
         for p in rep.problems:
             print(f"problem: {p}")
-        print(f"{len(rep.problems)} problem{'s' if len(rep.problems) != 1 else ''}" if rep.problems else "OK")
+        print(plural(len(rep.problems), "problem") if rep.problems else "OK")
     if rep.problems:
         raise typer.Exit(1)
