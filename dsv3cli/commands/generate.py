@@ -34,7 +34,6 @@ from ..options import Device, DeviceOpt, DType, DTypeOpt, JsonOpt, NprocOpt, See
 
 NAME = "generate"
 NO_ARGS_IS_HELP = True
-DIE_ENV = "DSV3_TEST_DIE_RANK"  # test hook: this rank exits right after loading the model
 
 
 def command(
@@ -214,8 +213,6 @@ def run_rank(job: dict[str, Any]) -> None:
     batch = 1 if chat else min(job["batch_size"], len(prompts))
     with peer_failures(dist):
         model = load_model(ckpt, dist, dtype=torch_dtype, device=device, max_batch_size=batch, max_seq_len=job["max_seq_len"])
-        if os.environ.get(DIE_ENV) == str(dist.rank):
-            os._exit(3)
         mtp = job["mtp"] if job["mtp"] is not None else (1 if model.has_mtp else 0)
         if mtp and not model.has_mtp:
             raise UsageError(f"--mtp {mtp}: {ckpt} has no MTP layer (layer {model.cfg.num_hidden_layers}); use --mtp 0")
