@@ -12,12 +12,14 @@ model.safetensors) load too; the MTP module is then absent.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import memory
 from .checkpoint import Checkpoint
 from .errors import DsvError
 from .model import Transformer
@@ -72,10 +74,13 @@ def load_model(
     max_batch_size: int = 1,
     max_seq_len: int = 4096,
     progress: Callable[[int, int], None] | None = None,
+    check_memory: bool = True,
 ) -> Transformer:
     """A Transformer with this rank's share of the checkpoint's weights.
 
-    `progress(done, total)` is called after each tensor (for a progress bar).
+    `progress(done, total)` is called after each tensor (for a progress bar). Unless
+    `check_memory` is False (--force), refuses first when this rank's share, KV cache and scratch
+    exceed the memory it may use (`dsv3cli.memory`).
     """
     ck = ckpt_path if isinstance(ckpt_path, Checkpoint) else Checkpoint(ckpt_path)
     cfg = ck.config
@@ -89,6 +94,11 @@ def load_model(
         qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
         cfg = cfg.replace(quantization_config=qc if fp8 else None)
 
+    if check_memory:
+        need = memory.rank_needs(ck, dist, dtype, max_batch_size, max_seq_len)
+        cpu = torch.device(device).type == "cpu"
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if cpu else 1  # ranks sharing this RAM
+        memory.preflight(need, memory.available(device), ranks_here=here, what=f"{ck.path}: ")
     model = Transformer(cfg, dist, dtype=dtype, device=device, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     if model.mtp is not None:
         model.mtp.add_own_embedding_and_head(

@@ -28,3 +28,4 @@ RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="A git re
 TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="HF_TOKEN", help="Hub token (default: $HF_TOKEN or the saved login).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per process for torch's intra-op work (default: torch's choice). 1 is often fastest for small models on a busy machine.")]
 NprocOpt = Annotated[int, typer.Option("--nproc", min=1, help="Processes to launch on this machine (tensor + expert parallel); under torchrun leave at 1.")]
+MemoryForceOpt = Annotated[bool, typer.Option("--force", help="Load even when the memory preflight says this rank's share, KV cache and scratch exceed the memory available.")]

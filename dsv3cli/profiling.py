@@ -674,6 +674,7 @@ class ProfileRequest:
     device: str = "auto"
     out: Path | None = None
     heatmap: bool = True
+    force: bool = False  # skip the memory preflight
 
 
 def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[[int], None]] | None = None,
@@ -732,7 +733,8 @@ def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[
     dtype = resolve_dtype(req.dtype, ck.dtype(probe) if probe else None)
     max_len = max(len(t) for t in token_lists) + req.generate
     batch = min(req.batch_size, len(token_lists))
-    model = load_model(ck, dist, dtype=dtype, device=device, max_batch_size=batch, max_seq_len=max(max_len, 16))
+    model = load_model(ck, dist, dtype=dtype, device=device, max_batch_size=batch, max_seq_len=max(max_len, 16),
+                       check_memory=not req.force)
     extra: dict[str, Any] = {"source": source}
     if req.generate:
         from .generation import generate

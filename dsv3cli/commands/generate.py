@@ -30,7 +30,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import DsvError, UsageError
-from ..options import Device, DeviceOpt, DType, DTypeOpt, JsonOpt, NprocOpt, SeedOpt, ThreadsOpt
+from ..options import Device, DeviceOpt, DType, DTypeOpt, JsonOpt, MemoryForceOpt, NprocOpt, SeedOpt, ThreadsOpt
 
 NAME = "generate"
 NO_ARGS_IS_HELP = True
@@ -55,6 +55,7 @@ def command(
     threads: ThreadsOpt = None,
     mtp: Annotated[Optional[int], typer.Option("--mtp", min=0, help="Draft tokens per step with the MTP layer (default 1 when the checkpoint has one; 0 = off).")] = None,
     json_out: JsonOpt = False,
+    force: MemoryForceOpt = False,
 ) -> None:
     from ..generation import Sampling
     from ..launch import launch, under_launcher
@@ -63,7 +64,7 @@ def command(
         "ckpt": str(ckpt), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
         "top_k": top_k, "seed": seed, "max_seq_len": max_seq_len, "batch_size": batch_size,
         "dtype": dtype.value, "device": device.value, "mtp": mtp, "json": json_out, "raw": raw,
-        "threads": threads,
+        "threads": threads, "force": force,
     }
     Sampling(temperature, top_k, top_p).check()
     cfg = _config(ckpt)
@@ -212,7 +213,8 @@ def run_rank(job: dict[str, Any]) -> None:
     prompts = job.get("prompts") or []
     batch = 1 if chat else min(job["batch_size"], len(prompts))
     with peer_failures(dist):
-        model = load_model(ckpt, dist, dtype=torch_dtype, device=device, max_batch_size=batch, max_seq_len=job["max_seq_len"])
+        model = load_model(ckpt, dist, dtype=torch_dtype, device=device, max_batch_size=batch, max_seq_len=job["max_seq_len"],
+                           check_memory=not job["force"])
         mtp = job["mtp"] if job["mtp"] is not None else (1 if model.has_mtp else 0)
         if mtp and not model.has_mtp:
             raise UsageError(f"--mtp {mtp}: {ckpt} has no MTP layer (layer {model.cfg.num_hidden_layers}); use --mtp 0")

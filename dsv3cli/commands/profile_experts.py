@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UsageError
-from ..options import DeviceOpt, DType, DTypeOpt, Device, JsonOpt, NprocOpt
+from ..options import DeviceOpt, DType, DTypeOpt, Device, JsonOpt, MemoryForceOpt, NprocOpt
 
 NAME = "profile-experts"
 NO_ARGS_IS_HELP = True
@@ -46,6 +46,7 @@ def command(
     device: DeviceOpt = Device.auto,
     nproc: NprocOpt = 1,
     json_out: JsonOpt = False,
+    force: MemoryForceOpt = False,
 ) -> None:
     from ..profiling import parse_prompt_ids
 
@@ -55,6 +56,7 @@ def command(
         "compare_bias": compare_bias, "gpus": gpus, "nodes": nodes, "redundant": redundant,
         "batch_size": batch_size, "dtype": dtype.value, "device": device.value,
         "out": str(out) if out else None, "heatmap": not no_heatmap, "json": json_out,
+        "force": force,
     }
     from ..launch import launch, under_launcher
 
