@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import UsageError
+from .errors import DsvError, UsageError
 from .model import rows_at
 from .parallel import Dist
 
@@ -280,6 +280,7 @@ def generate(
 
     t0 = time.perf_counter()
     logits, hidden = model.forward(tokens, zeros, logits_at=last)  # [B,V] at each prompt's end, [B,T,D]
+    check_finite(logits, range(B), [1] * B)
     first, _ = pick(logits)  # [B]
     first_l = first.tolist()
     t1 = time.perf_counter()
@@ -338,6 +339,7 @@ def generate(
         feed = cur.unsqueeze(1) if k == 0 else torch.cat([cur.unsqueeze(1), drafts], dim=1)  # [B,k+1]
         logits, hidden = model.forward(feed, start)  # [B,k+1,V], [B,k+1,D]
         st.main_forwards += 1
+        check_finite(logits, active, [len(out[b]) + 1 for b in active])
         if sampling.greedy:
             # The argmax at each scored position is what plain greedy decoding emits after the
             # drafts before it, so drafts are accepted while they equal it.
@@ -380,6 +382,21 @@ def generate(
             drafts, p_draft = _draft(model, m_logits, m_hidden, at, start, n_drafts(), pick)
     st.decode_s = time.perf_counter() - t2
     return out, st
+
+
+def check_finite(logits: torch.Tensor, rows: Sequence[int], steps: Sequence[int]) -> None:
+    """Stop (DsvError) when the logits of a sequence still generating hold NaN or inf: argmax and
+    sampling would go on emitting token 0 as if it were text. `steps[i]`: the generated token
+    (from 1) that row `rows[i]` is deciding."""
+    rows = list(rows)
+    bad = ~torch.isfinite(logits[rows]).flatten(1).all(dim=1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        b = rows[i]
+        raise DsvError(
+            f"generation step {steps[i]}: the logits of prompt {b + 1} are NaN or infinite; the weights hold a NaN or "
+            "inf value or overflow (run dsv3 verify --check-values on the checkpoint, or try --dtype float32)"
+        )
 
 
 def _agreeing(drafts: list[int], top: list[int]) -> int:

@@ -137,6 +137,19 @@ def load_model(
     return model
 
 
+def _check_finite(name: str, t: torch.Tensor, dtype: str) -> None:
+    """FP8 NaN codes (0x7F, 0xFF: E4M3 has no inf) and non-finite scales, named as they are read."""
+    if dtype == F8:
+        nan = int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    elif name.endswith(SCALE):
+        nan = int((~torch.isfinite(t)).sum())
+    else:
+        return
+    if nan:
+        raise DsvError(f"{name}: {nan} NaN value(s) (FP8 code 0x7F/0xFF or a non-finite scale); the checkpoint is "
+                       "damaged: download or convert it again (dsv3 verify --check-values lists every such tensor)")
+
+
 def _read(ck: Checkpoint, name: str, target: torch.Tensor, dist: Dist) -> torch.Tensor:
     """This rank's part of `name`, shaped like `target` (vocab parts zero-padded)."""
     is_scale = name.endswith(SCALE)
@@ -159,6 +172,7 @@ def _read(ck: Checkpoint, name: str, target: torch.Tensor, dist: Dist) -> torch.
         out = sl[lo:hi] if dim == 0 else sl[:, lo:hi]
         if kind == "vocab" and out.shape[0] < target.shape[0]:
             out = torch.cat([out, out.new_zeros(target.shape[0] - out.shape[0], *out.shape[1:])])
+    _check_finite(name, out, ck.dtype(name))
     if tuple(out.shape) != tuple(target.shape):
         raise DsvError(
             f"{name}: shape {list(ck.shape(name))} does not match the config (this rank expects "

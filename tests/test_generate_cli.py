@@ -241,3 +241,34 @@ def test_under_torchrun_each_rank_runs_the_command(tiny_bf16):
     assert r2.returncode == 0, r2.stderr
     doc = json.loads(r2.stdout)  # one document: only rank 0 printed
     assert [o["generated_ids"] for o in doc["outputs"]] == [o["generated_ids"] for o in json.loads(r1.stdout)["outputs"]]
+
+
+def _with_tensor(src: Path, dst: Path, name: str, change) -> Path:
+    """A copy of a checkpoint whose tensor `name` went through `change` (in its own shard)."""
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shard = dst / index["weight_map"][name]
+    ts = load_file(shard)
+    ts[name] = change(ts[name].clone())
+    save_file(ts, shard, metadata={"format": "pt"})
+    return dst
+
+
+def test_non_finite_logits_stop_generation_naming_the_step(tiny_bf16, tmp_path):
+    def nan(t):
+        t[0] = float("nan")
+        return t
+
+    ckpt = _with_tensor(tiny_bf16, tmp_path / "nan", "model.norm.weight", nan)
+    one_error_line(gen(ckpt, "--prompt-ids", "1,2", "--mtp", "0", *FAST), 1, "generation step 1", "prompt 1", "NaN")
+
+
+def test_an_fp8_nan_code_is_named_by_tensor_while_loading(tiny_fp8, tmp_path):
+    name = "model.layers.1.self_attn.o_proj.weight"
+
+    def nan_code(t):
+        t.view(torch.uint8)[0, 3] = 0x7F
+        return t
+
+    ckpt = _with_tensor(tiny_fp8, tmp_path / "nan_fp8", name, nan_code)
+    one_error_line(gen(ckpt, "--prompt-ids", "1,2", *FAST), 1, name, "0x7F")
