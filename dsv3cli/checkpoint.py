@@ -149,11 +149,7 @@ def expected_shapes(cfg: ModelConfig, *, fp8: bool | None = None, mtp: bool = Tr
 
 
 def free_bytes(path: str | Path) -> int:
-    """Free bytes on the file system that will hold `path` (its nearest existing parent).
-    DSV3_FAKE_FREE_BYTES overrides it: the seam tests use to exercise the disk preflights."""
-    fake = os.environ.get("DSV3_FAKE_FREE_BYTES")
-    if fake:
-        return int(fake)
+    """Free bytes on the file system that will hold `path` (its nearest existing parent)."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent

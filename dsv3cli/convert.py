@@ -13,6 +13,7 @@ torch functions of `dsv3cli.fp8` do the work. Checkpoints are read and written t
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -46,7 +47,7 @@ def _resolve_device(device: str) -> str:
 
 
 MANIFEST_NAME = ".dsv3-quantize.json"  # progress of an unfinished conversion; removed at the end
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = 2
 _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}  # the dtypes this module computes with
 _SHARD_METADATA = {"format": "pt"}
 
@@ -134,7 +135,9 @@ def _source_format(ckpt) -> str:
 
 
 def _fingerprint(path) -> dict:
-    """Identity of an input shard for --resume: size, mtime and a hash of its header."""
+    """A cheap first check of an input shard for --resume: size, mtime and a hash of its header
+    (`cp -p`, `rsync -a` and `touch -r` keep all three while changing the data: the checksums of
+    `_source_crcs` decide)."""
     import hashlib
     import struct
 
@@ -153,6 +156,14 @@ def _crc32_file(path) -> str:
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
+
+
+def _sources(ckpt, shard: str, entries: list[_Entry]) -> list[str]:
+    """The input shards an output shard is made from: its own, and those holding the scales of
+    its FP8 weights."""
+    from .checkpoint import scale_name
+
+    return sorted({shard} | {ckpt.shard_of(scale_name(e.src)) for e in entries if e.kind == "dequant"})
 
 
 class _Source:
@@ -374,6 +385,7 @@ def convert_checkpoint(
     resume: bool = False,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    free_space: Callable[[Path], int] = free_bytes,
 ) -> dict:
     """Convert the checkpoint folder `src` (BF16/F32 or FP8) to `dst` in the other format
     (`to` = "fp8" or "bf16"), shard by shard, one tensor at a time.
@@ -383,7 +395,8 @@ def convert_checkpoint(
     total_size (written last), `quantization_config` added to or removed from config.json,
     and a copy of every other file. `resume` skips shards finished and verified by an earlier
     run (a manifest records them) and ends byte-identical to an uninterrupted run.
-    `progress(done_bytes, total_bytes)` is called as input bytes are processed.
+    `progress(done_bytes, total_bytes)` is called as input bytes are processed;
+    `free_space(dst)` says how many bytes DST's file system has free.
     Returns a summary dict."""
     import json
     import re
@@ -467,6 +480,7 @@ def convert_checkpoint(
     headers = {shard: _shard_header(entries) for shard, entries in plan.items()}
     sizes = {shard: len(headers[shard]) + sum(e.nbytes for e in entries) for shard, entries in plan.items()}
     skip = set()
+    src_crc = functools.cache(lambda shard: _crc32_file(src / shard))  # each input read once
     for shard, rec in done.items():
         out = dst / shard
         if (
@@ -474,6 +488,7 @@ def convert_checkpoint(
             and out.is_file()
             and out.stat().st_size == sizes[shard] == rec.get("out_size")
             and rec.get("in") == _fingerprint(src / shard)
+            and rec.get("in_crc32") == {s: src_crc(s) for s in _sources(ckpt, shard, plan[shard])}
             and _crc32_file(out) == rec.get("out_crc32")
         ):
             skip.add(shard)
@@ -487,7 +502,7 @@ def convert_checkpoint(
         and not any(part in (".git", ".cache") for part in p.relative_to(src).parts)
     ]
     need = sum(sizes[s] for s in plan if s not in skip) + sum(p.stat().st_size for p in other_files) + (1 << 20)
-    free = free_bytes(dst)
+    free = free_space(dst)
     if need > free:
         raise DsvError(f"{dst}: not enough free disk: needs {human(need)} ({need} bytes), {human(free)} ({free} bytes) free; free some space or choose another DST")
 
@@ -516,18 +531,11 @@ def convert_checkpoint(
     if progress:
         progress(done_bytes, total_in)
 
-    # Test seam: a real SIGKILL once this many input bytes are done (mid-shard), for --resume tests.
-    kill_at = int(os.environ.get("DSV3_QUANTIZE_KILL_AT", "-1"))
-
     def on_bytes(n: int) -> None:
         nonlocal done_bytes
         done_bytes += n
         if progress:
             progress(done_bytes, total_in)
-        if 0 <= kill_at <= done_bytes:
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
 
     # Reused buffers: two for output tensors (one being written while the next is computed),
     # one for the input tensor being converted. Memory stays ~3 x the largest tensor.
@@ -552,7 +560,10 @@ def convert_checkpoint(
             )
         finally:
             source.close()
-        done[shard] = {"in": _fingerprint(src / shard), "out_size": sizes[shard], "out_crc32": crc}
+        # The inputs' checksums, read just after converting them (from the page cache, mostly):
+        # a resume redoes this shard when its source data changed, whatever its size and mtime.
+        in_crc = {s: _crc32_file(src / s) for s in _sources(ckpt, shard, entries)}
+        done[shard] = {"in": _fingerprint(src / shard), "in_crc32": in_crc, "out_size": sizes[shard], "out_crc32": crc}
         write_json(manifest_path, {"job": job, "shards": dict(sorted(done.items()))})
 
     weight_map = {e.name: shard for shard, entries in plan.items() for e in entries}

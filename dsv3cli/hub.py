@@ -355,11 +355,13 @@ class Plan:
 
 
 def plan_download(repo: str | None, local_dir: str | Path, *, revision: str | None = None, token: str | None = None,
-                  include: Iterable[str] = (), exclude: Iterable[str] = (), only: Iterable[str] = ()) -> Plan:
+                  include: Iterable[str] = (), exclude: Iterable[str] = (), only: Iterable[str] = (),
+                  free_space: Callable[[Path], int] = free_bytes) -> Plan:
+    """What to fetch into `local_dir`; `free_space(local_dir)` says how many bytes its disk has free."""
     local_dir = Path(local_dir)
     snap = open_snapshot(repo, revision, token, local_dir)
     files = select_files(snap, local_dir, include=include, exclude=exclude, only=only)
-    return Plan(snap, local_dir, [local_state(local_dir, f) for f in files], free_bytes(local_dir))
+    return Plan(snap, local_dir, [local_state(local_dir, f) for f in files], free_space(local_dir))
 
 
 # -- fetching ---------------------------------------------------------------------------------
