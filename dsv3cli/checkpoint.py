@@ -30,6 +30,9 @@ _FP8_WEIGHT = re.compile(
     r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$"
 )
 SCALE_SUFFIX = "_scale_inv"
+# Buffers some checkpoints carry that are not weights (Kimi-K2's rotary frequencies, recomputed
+# from the config): accepted everywhere, never loaded.
+KNOWN_BUFFERS = re.compile(r"\.rotary_emb\.inv_freq$")
 BLOCK = 128  # the hub's weight_block_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -504,7 +507,10 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
                 P(f"{n}: missing (config.json expects {list(shp)}); the checkpoint is incomplete or for another config")
             elif n in infos and infos[n].shape != shp:
                 P(f"{where[n]}: {n} has shape {list(infos[n].shape)} but config.json implies {list(shp)}")
-        for n in sorted(set(infos) - set(exp)):
+        buffers = sorted(n for n in set(infos) - set(exp) if KNOWN_BUFFERS.search(n))
+        if buffers:
+            rep.warnings.append(f"{_examples(buffers)}: {len(buffers)} non-weight buffer(s), recomputed from config.json (ignored)")
+        for n in sorted(set(infos) - set(exp) - set(buffers)):
             if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in exp:
                 continue
             P(f"{where[n]}: {n} is not a tensor of this config (config.json)")

@@ -240,6 +240,13 @@ class ModelConfig:
         out.pop("rope_parameters", None)
         return out
 
+    def past_context(self, positions: int, what: str) -> str | None:
+        """A warning when `positions` tokens go past max_position_embeddings (`what` names the option)."""
+        if positions <= self.max_position_embeddings:
+            return None
+        return (f"{what} reaches {positions} positions, past this model's max_position_embeddings "
+                f"{self.max_position_embeddings} (config.json): the tokens beyond it are out of what it was trained on")
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 

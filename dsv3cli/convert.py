@@ -404,7 +404,7 @@ def convert_checkpoint(
     import time
     from pathlib import Path
 
-    from .checkpoint import INDEX_NAME, Checkpoint, atomic_output, write_index, write_json
+    from .checkpoint import INDEX_NAME, Checkpoint, atomic_output, validate, write_index, write_json
     from .errors import DsvError, UsageError
 
     t0 = time.perf_counter()
@@ -437,6 +437,12 @@ def convert_checkpoint(
         raise UsageError("--scale-fmt applies only with --to fp8")
     scale_fmt = scale_fmt or "e4m3"
     plan = _plan(ckpt, to, scale_fmt)
+    # verify's checks before anything is written: a tensor the index does not list would be
+    # dropped, a config.json that disagrees with the tensors would be carried into DST.
+    report = validate(src)
+    if not report.ok:
+        more = f" (and {len(report.problems) - 1} more: dsv3 verify {src} lists them)" if len(report.problems) > 1 else ""
+        raise DsvError(f"{src}: {report.problems[0]}{more}; fix the source checkpoint first")
 
     # DST: must be creatable and writable, and empty unless --resume/--force.
     if dst.exists() and not dst.is_dir():

@@ -43,6 +43,7 @@ SHARDING: list[tuple[re.Pattern[str], str]] = [
         (r"", "replicated"),  # norms, q_a_proj, kv_a_proj_with_mqa, router, bias, eh_proj
     ]
 ]
+LAYER = re.compile(r"model\.layers\.(\d+)\.")
 SPLIT_DIM = {"vocab": 0, "col": 0, "row": 1}
 SCALE = "_scale_inv"
 
@@ -85,6 +86,15 @@ def load_model(
     ck = ckpt_path if isinstance(ckpt_path, Checkpoint) else Checkpoint(ckpt_path)
     cfg = ck.config
     N = cfg.num_hidden_layers
+    # Decoder layers are those without an MTP entry (eh_proj): more of them than config.json's
+    # count would be dropped without a word, leaving a truncated model.
+    layers = {int(m.group(1)) for n in ck.names() if (m := LAYER.match(n))}
+    decoder = sorted(i for i in layers if not ck.has(f"model.layers.{i}.eh_proj.weight"))
+    if decoder and decoder[-1] >= N:
+        raise DsvError(
+            f"{ck.path}: the tensors hold decoder layers up to model.layers.{decoder[-1]} but config.json has "
+            f"num_hidden_layers {N}; a model of {N} layers would leave the rest out: fix config.json"
+        )
     # The file, not config.json, decides: transformers drops layer N but keeps num_nextn_predict_layers.
     if cfg.num_nextn_predict_layers > 0 and not ck.has(f"model.layers.{N}.eh_proj.weight"):
         cfg = cfg.replace(num_nextn_predict_layers=0)

@@ -678,7 +678,7 @@ class ProfileRequest:
 
 
 def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[[int], None]] | None = None,
-                dist: Any = None) -> dict[str, Any] | None:
+                dist: Any = None, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """Load, route the prompts, and return the summary document (rank 0; None on other ranks).
 
     `progress(description, total)` returns an `advance(n)` callable (the command draws a bar).
@@ -732,6 +732,8 @@ def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[
     probe = next((n for n in ck.names() if n.endswith("mlp.gate.weight")), None)
     dtype = resolve_dtype(req.dtype, ck.dtype(probe) if probe else None)
     max_len = max(len(t) for t in token_lists) + req.generate
+    if warn is not None and (warning := cfg.past_context(max_len, f"the longest prompt + --generate {req.generate}")):
+        warn(warning)
     batch = min(req.batch_size, len(token_lists))
     model = load_model(ck, dist, dtype=dtype, device=device, max_batch_size=batch, max_seq_len=max(max_len, 16),
                        check_memory=not req.force)

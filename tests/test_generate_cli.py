@@ -272,3 +272,27 @@ def test_an_fp8_nan_code_is_named_by_tensor_while_loading(tiny_fp8, tmp_path):
 
     ckpt = _with_tensor(tiny_fp8, tmp_path / "nan_fp8", name, nan_code)
     one_error_line(gen(ckpt, "--prompt-ids", "1,2", *FAST), 1, name, "0x7F")
+
+
+def test_a_config_of_fewer_layers_than_the_tensors_is_refused(tiny_bf16, tmp_path):
+    ckpt = tmp_path / "short"
+    shutil.copytree(tiny_bf16, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=cfg["num_hidden_layers"] - 1)))
+    one_error_line(gen(ckpt, "--prompt-ids", "1,2", *FAST), 1, "num_hidden_layers", f"model.layers.{cfg['num_hidden_layers'] - 1}")
+
+
+def test_positions_past_max_position_embeddings_are_warned(tiny_bf16, tmp_path):
+    ckpt = tmp_path / "short_context"
+    shutil.copytree(tiny_bf16, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, max_position_embeddings=8)))
+    r = gen(ckpt, "--prompt-ids", "1,2", "--dtype", "float32", "-n", "2", "--max-seq-len", "16")
+    assert r.exit_code == 0, r.output
+    warn = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 1 and "--max-seq-len 16" in warn[0] and "max_position_embeddings 8" in warn[0], r.stderr
+    assert not [ln for ln in gen(tiny_bf16, "--prompt-ids", "1,2", *FAST).stderr.splitlines() if "warning" in ln]
+    r = runner.invoke(app, ["profile-experts", str(ckpt), "--prompt-ids", "1,2,3", "--generate", "6", "--dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    warn = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 1 and "--generate 6" in warn[0] and "max_position_embeddings 8" in warn[0], r.stderr

@@ -479,3 +479,47 @@ def test_transformers_checkpoint_quantized_by_dsv3_loads_back(tmp_path):
     rel = ((a - b).norm() / a.norm()).item()
     print(f"transformers logits relative error after dsv3 FP8: {rel:.3e}")
     assert 0 < rel < 0.1
+
+
+def test_inconsistent_sources_are_refused_before_writing(tiny_bf16, tmp_path):
+    """A tensor the index does not list (it would be dropped), a config.json whose hidden_size
+    disagrees with the tensors, an FP8 quantization_config over BF16 tensors: verify's checks run
+    first, and DST stays empty."""
+    index = json.loads((tiny_bf16 / INDEX).read_text())
+    name = "model.layers.1.mlp.gate.weight"
+    unlisted = _copy(tiny_bf16, tmp_path / "unlisted")
+    del index["weight_map"][name]
+    (unlisted / INDEX).write_text(json.dumps(index))
+    cfg = json.loads((tiny_bf16 / "config.json").read_text())
+    wide = _copy(tiny_bf16, tmp_path / "wide")
+    (wide / "config.json").write_text(json.dumps(dict(cfg, hidden_size=cfg["hidden_size"] * 2)))
+    says_fp8 = _copy(tiny_bf16, tmp_path / "says_fp8")
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (says_fp8 / "config.json").write_text(json.dumps(dict(cfg, quantization_config=qc)))
+    for src, words in ((unlisted, [name, "not in"]), (wide, ["shape", "config.json"]),
+                       (says_fp8, ["quantization_config", "F8_E4M3"])):
+        dst = tmp_path / f"{src.name}-out"
+        line = _fail([src, dst])
+        assert all(w in line for w in words), line
+        assert not dst.exists() or not any(dst.iterdir()), list(dst.iterdir())
+
+
+def test_known_buffers_are_carried_and_verified(tiny_bf16, tmp_path):
+    """Kimi-K2 stores self_attn.rotary_emb.inv_freq per layer: verify warns, quantize carries it,
+    generate loads the model without it."""
+    src = _copy(tiny_bf16, tmp_path / "kimi", real=["model-00001-of-00003.safetensors"])
+    shard = src / "model-00001-of-00003.safetensors"
+    ts = load_file(shard)
+    buf = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    ts[buf] = torch.arange(4, dtype=torch.float32)
+    save_file(ts, shard, metadata={"format": "pt"})
+    index = json.loads((src / INDEX).read_text())
+    index["weight_map"][buf] = shard.name
+    (src / INDEX).write_text(json.dumps(index))
+    rep = validate(src)
+    assert rep.ok, rep.problems
+    assert any("inv_freq" in w for w in rep.warnings)
+    assert _run(src, tmp_path / "q").exit_code == 0
+    assert Checkpoint(tmp_path / "q").has(buf)
+    r = runner.invoke(app, ["generate", str(src), "--prompt-ids", "1,2", "--dtype", "float32", "-n", "2", "--max-seq-len", "16"])
+    assert r.exit_code == 0, r.output

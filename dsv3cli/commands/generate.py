@@ -68,6 +68,8 @@ def command(
     }
     Sampling(temperature, top_k, top_p).check()
     cfg = _config(ckpt)
+    if warning := cfg.past_context(max_seq_len, f"--max-seq-len {max_seq_len}"):
+        print(f"warning: {warning}", file=sys.stderr)
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() else nproc
     if under_launcher() and nproc not in (1, world):
         raise UsageError(f"--nproc {nproc}: this process runs under torchrun with WORLD_SIZE={world}; leave --nproc at 1")

@@ -81,7 +81,8 @@ def run_rank(job: dict[str, Any]) -> None:
     req = ProfileRequest(**fields)
     dist = init_distributed(resolve_device(req.device)) if _distributed() else Dist()
     with peer_failures(dist), _progress(enabled=dist.rank == 0) as bar:
-        doc = run_profile(req, progress=bar, dist=dist)
+        doc = run_profile(req, progress=bar, dist=dist,
+                          warn=lambda w: print(f"warning: {w}", file=sys.stderr) if dist.rank == 0 else None)
         leave(dist)
     if doc is None:
         return
