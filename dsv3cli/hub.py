@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from .checkpoint import free_bytes, human  # noqa: F401  (human: also for commands/download.py)
@@ -233,6 +233,7 @@ class LocalFile:
     remote: RemoteFile
     status: str  # complete | unverified | partial | differs | missing
     have: int  # bytes on disk that count towards this file
+    changed: str = ""  # how a file we verified earlier differs now (it is hashed or fetched again)
 
     @property
     def remaining(self) -> int:
@@ -252,11 +253,19 @@ def local_state(local_dir: Path, f: RemoteFile) -> LocalFile:
                 rec = None
             if rec == {"oid": f.oid, "size": f.size, "mtime_ns": st.st_mtime_ns}:
                 return LocalFile(f, "complete", f.size)
-            return LocalFile(f, "unverified", f.size)
+            changed = "modified since it was verified" if _verified_before(rec, f) else ""
+            return LocalFile(f, "unverified", f.size, changed)
     part = partial_path(local_dir, f)
     if part.is_file() and 0 < part.stat().st_size <= f.size:
         return LocalFile(f, "partial", part.stat().st_size)
-    return LocalFile(f, "differs" if dest.exists() else "missing", 0)
+    if not dest.exists():
+        return LocalFile(f, "missing", 0)
+    size = dest.stat().st_size if dest.is_file() else None
+    return LocalFile(f, "differs", 0, "not a file" if size is None else f"{size} bytes on disk, the hub's has {f.size}")
+
+
+def _verified_before(rec: Any, f: RemoteFile) -> bool:
+    return isinstance(rec, dict) and rec.get("oid") == f.oid
 
 
 # -- choosing files ---------------------------------------------------------------------------
@@ -469,6 +478,7 @@ class FetchStats:
     fetched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # complete and verified already
     bytes: int = 0
+    refetched: dict[str, str] = field(default_factory=dict)  # a local file replaced: path -> why
 
 
 def _run_parallel(jobs: list, fn: Callable, workers: int, stop: threading.Event) -> None:
@@ -527,6 +537,11 @@ def fetch(plan: Plan, *, workers: int = 8) -> FetchStats:
                         stats.skipped.append(f.path)
                     return
                 grow(f.size)
+                with lock:
+                    stats.refetched[f.path] = f"{lf.changed + ': ' if lf.changed else ''}its content differs from the hub's"
+            elif lf.status == "differs":
+                with lock:
+                    stats.refetched[f.path] = lf.changed
             try:
                 try:
                     _fetch_file(snap, f, local_dir, advance, stop)
@@ -637,6 +652,7 @@ class DownloadResult:
     def as_dict(self) -> dict:
         d = self.plan.as_dict()
         d.update({"fetched": self.stats.fetched, "skipped": self.stats.skipped, "downloaded_bytes": self.stats.bytes,
+                  "refetched": self.stats.refetched,
                   "seconds": round(self.seconds, 3), "repaired": self.repaired, "ok": self.ok,
                   "verify": self.verify.as_dict() if self.verify else None,
                   "format_problems": self.format_problems})

@@ -125,6 +125,23 @@ def test_full_download_is_byte_identical_then_rerun_skips(env, tiny_fp8, tmp_pat
     assert again["fetched"] == [] and sorted(again["skipped"]) == files_of(tiny_fp8)
     assert env.requests("GET", "/blobs/") == [] and env.requests("HEAD", "/resolve/") == []
 
+    # Changed since verified: same size, other bytes (a later mtime), and a truncated one. The
+    # rerun names each file it fetches again and why.
+    same_size = out / SHARDS[0]
+    data = bytearray(same_size.read_bytes())
+    data[-1] ^= 1
+    same_size.write_bytes(bytes(data))
+    os.utime(same_size, ns=(same_size.stat().st_atime_ns, same_size.stat().st_mtime_ns + 10**9))
+    shorter = out / SHARDS[1]
+    shorter.write_bytes(shorter.read_bytes()[:-7])
+    r = dsv3("download", "--local-dir", out)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert f"fetched again: {SHARDS[0]}: modified since it was verified: its content differs from the hub's" in lines
+    size = (tiny_fp8 / SHARDS[1]).stat().st_size
+    assert f"fetched again: {SHARDS[1]}: {size - 7} bytes on disk, the hub's has {size}" in lines
+    assert_identical(tiny_fp8, out)
+
 
 def test_dry_run_lists_sizes_marks_complete_and_writes_nothing(env, tiny_fp8, tmp_path):
     out = tmp_path / "v3"
