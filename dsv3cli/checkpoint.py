@@ -159,6 +159,11 @@ def free_bytes(path: str | Path) -> int:
     return shutil.disk_usage(p).free
 
 
+def not_a_folder(path: Path) -> str:
+    """Why `path` is no folder: "no such folder" or "not a folder (a file)"."""
+    return "not a folder (a file)" if path.exists() else "no such folder"
+
+
 def human(n: float) -> str:
     """Bytes for people: 512 B, 1.5 kB, 688.0 GB (powers of 1000, as the hub shows sizes)."""
     for unit in ("B", "kB", "MB", "GB"):
@@ -268,7 +273,7 @@ class Checkpoint:
         self._handles: dict[str, Any] = {}
         self._config: ModelConfig | None = None
         if not self.path.is_dir():
-            raise DsvError(f"{self.path}: not a folder; pass a checkpoint folder (config.json + safetensors)")
+            raise DsvError(f"{self.path}: {not_a_folder(self.path)}; pass a checkpoint folder (config.json + safetensors)")
         if (self.path / INDEX_NAME).is_file():
             self.weight_map, self.index_metadata = _read_index(self.path)
         elif (self.path / SINGLE_NAME).is_file():
@@ -398,7 +403,7 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
     rep = ValidationReport()
     P = rep.problems.append
     if not folder.is_dir():
-        raise DsvError(f"{folder}: not a folder; pass a checkpoint folder")
+        raise DsvError(f"{folder}: {not_a_folder(folder)}; pass a checkpoint folder")
 
     cfg: ModelConfig | None = None
     try:
@@ -431,7 +436,8 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
         p = folder / shard
         if not p.is_file():
             n = sum(1 for s in weight_map.values() if s == shard) if weight_map else 0
-            P(f"{shard}: missing ({n} tensors in the index live there); download it again")
+            what = "a folder, not a safetensors file" if p.is_dir() else "missing"
+            P(f"{shard}: {what} ({n} tensors in the index live there); download it again")
             continue
         try:
             h, _ = read_header(p)
@@ -633,7 +639,12 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:  # a full disk or a lost mount: the message names the file meant
+            if e.filename:
+                raise
+            raise DsvError(f"{path}: could not write it ({e.strerror or e}); nothing was left at that name") from None
         # Some writers (safetensors) create 0600 files; give the result ordinary permissions.
         umask = os.umask(0)
         os.umask(umask)

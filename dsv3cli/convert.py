@@ -22,7 +22,7 @@ from typing import Callable
 
 from dsv3_kernels.cpu import load as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
 
-from .checkpoint import free_bytes, human
+from .checkpoint import free_bytes, human, not_a_folder
 
 BLOCK = 128  # as dsv3cli.fp8.BLOCK (not imported from there: that would import torch)
 SCALE_FMTS = ("e4m3", "ue8m0")
@@ -156,6 +156,14 @@ def _crc32_file(path) -> str:
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
+
+
+def _describe(job) -> str:
+    """A conversion's settings for people: 'SRC to fp8 (e4m3 scales)'."""
+    if not isinstance(job, dict):
+        return "unreadable record"
+    fmt = f" ({job['scale_fmt']} scales)" if job.get("scale_fmt") else ""
+    return f"{job.get('src', '?')} to {job.get('to', '?')}{fmt}"
 
 
 def _sources(ckpt, shard: str, entries: list[_Entry]) -> list[str]:
@@ -410,7 +418,7 @@ def convert_checkpoint(
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
-        raise DsvError(f"{src}: not a folder; pass a checkpoint folder")
+        raise DsvError(f"{src}: {not_a_folder(src)}; pass a checkpoint folder as SRC")
     s_abs, d_abs = src.resolve(), dst.resolve()
     if d_abs == s_abs or s_abs in d_abs.parents:
         raise UsageError(f"{dst}: DST is {'SRC itself' if d_abs == s_abs else 'inside SRC'}; choose a folder outside {src}")
@@ -464,7 +472,8 @@ def convert_checkpoint(
         except (OSError, json.JSONDecodeError):
             manifest = {}
         if manifest.get("job") != job:
-            raise DsvError(f"{dst}: holds an unfinished conversion with other settings ({manifest.get('job')}); pass --force to start over")
+            raise DsvError(f"{dst}: holds an unfinished conversion of other settings ({_describe(manifest.get('job'))}; "
+                           f"this run: {_describe(job)}); pass --force to start over, or another DST")
     elif resume and existing:
         raise DsvError(f"{dst}: not empty and has no record of an unfinished dsv3 quantize to resume; pass --force to overwrite")
     elif existing and not force:

@@ -368,6 +368,8 @@ def plan_download(repo: str | None, local_dir: str | Path, *, revision: str | No
                   free_space: Callable[[Path], int] = free_bytes) -> Plan:
     """What to fetch into `local_dir`; `free_space(local_dir)` says how many bytes its disk has free."""
     local_dir = Path(local_dir)
+    if local_dir.exists() and not local_dir.is_dir():
+        raise DsvError(f"--local-dir {local_dir}: exists and is not a folder; choose a folder")
     snap = open_snapshot(repo, revision, token, local_dir)
     files = select_files(snap, local_dir, include=include, exclude=exclude, only=only)
     return Plan(snap, local_dir, [local_state(local_dir, f) for f in files], free_space(local_dir))

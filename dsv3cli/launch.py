@@ -58,6 +58,10 @@ def launch(nproc: int, target: str, job: dict[str, Any], *, stop_after_s: int = 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from .parallel import collective_timeout_s
+
+    timeout_s = collective_timeout_s()  # a bad DSV3_COLLECTIVE_TIMEOUT_S is named once, here
+
     # The agent logs every step and every failure with a traceback; the one line below says it.
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -84,7 +88,7 @@ def launch(nproc: int, target: str, job: dict[str, Any], *, stop_after_s: int = 
         except ChildFailedError as e:
             codes = {rank: f.exitcode for rank, f in e.failures.items()}
             tails = {rank: _last_error(logs, rank) for rank in codes}
-            return _report(codes, tails, nproc)
+            return _report(codes, tails, nproc, timeout_s)
         finally:
             waker.done.set()
     return 0
@@ -121,7 +125,7 @@ def _last_error(logs: Path, local_rank: int) -> str:
     return ""
 
 
-def _report(codes: dict[int, int], tails: dict[int, str], nproc: int) -> int:
+def _report(codes: dict[int, int], tails: dict[int, str], nproc: int, timeout_s: float) -> int:
     """Print the one line for a failed run from each failed rank's exit code and last words.
 
     `codes` is in the agent's order: the ranks that failed on their own first, then those it
@@ -139,8 +143,8 @@ def _report(codes: dict[int, int], tails: dict[int, str], nproc: int) -> int:
     stalled = others or [r for r in range(nproc) if r not in codes]
     who = f"rank {stalled[0]}" if len(stalled) == 1 else f"ranks {', '.join(map(str, stalled))}"
     print(
-        f"Error: {who} of {nproc} made no progress within the collective timeout (DSV3_COLLECTIVE_TIMEOUT_S; "
-        "stopped, alive?); stopped every rank",
+        f"Error: {who} of {nproc} made no progress for {timeout_s:g} s (the collective timeout, "
+        "DSV3_COLLECTIVE_TIMEOUT_S): stuck, or stopped by a signal or a debugger; stopped every rank",
         file=sys.stderr,
     )
     return 1

@@ -142,8 +142,8 @@ def check_tokens(token_lists: Sequence[Sequence[int]], vocab_size: int, source: 
         raise DsvError(f"{source}: no tokens to profile; give at least one non-empty prompt")
     for i, toks in enumerate(token_lists):
         bad = [t for t in toks if not 0 <= int(t) < vocab_size]
-        if bad:
-            raise DsvError(f"{source}: prompt {i + 1} has token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
+        if bad:  # an option's value, as in generate: a usage error
+            raise UsageError(f"{source}: prompt {i + 1} has token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
                            "use ids from this checkpoint's tokenizer")
 
 
@@ -512,6 +512,8 @@ def default_gpus(n_experts: int, redundant: int) -> int:
 
 def check_out_dir(out: Path) -> None:
     """Fail before the long run when --out cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise DsvError(f"--out {out}: exists and is not a folder; give a folder (it gets counts.json, plan.json, ...)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out, prefix=".dsv3-probe-")
@@ -707,6 +709,8 @@ def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[
         from .tokenizer import load_tokenizer
 
         pf = Path(req.prompts_file)
+        if pf.is_dir():
+            raise DsvError(f"--prompts {pf}: a folder; give a prompts file (text lines or JSONL)")
         if not pf.is_file():
             raise DsvError(f"--prompts {pf}: no such file")
         token_lists = read_prompts(pf, lambda: load_tokenizer(req.checkpoint), raw=req.raw)

@@ -135,10 +135,15 @@ def _parse_ids(s: str) -> list[int]:
 
 def _read_file(path: Path) -> list[tuple[str | None, list | None]]:
     """(text, messages) per prompt of a text or JSONL file."""
+    if path.is_dir():
+        raise DsvError(f"--file {path}: a folder; give a prompts file (text lines or JSONL)")
     if not path.is_file():
-        raise DsvError(f"{path}: no such file")
+        raise DsvError(f"--file {path}: no such file")
     items: list[tuple[str | None, list | None]] = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DsvError(f"--file {path}: not UTF-8 text (byte {e.start}); give a prompts file (text lines or JSONL)") from None
     first = next((ln for ln in lines if ln.strip()), "")
     jsonl = path.suffix in (".jsonl", ".json") or _is_json_object(first)  # decided once per file
     for n, line in enumerate(lines, 1):
