@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from . import memory
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, human
 from .errors import DsvError
 from .model import Transformer
 from .parallel import BLOCK, Dist, block_cover, split_range
@@ -109,7 +110,8 @@ def load_model(
         cpu = torch.device(device).type == "cpu"
         here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if cpu else 1  # ranks sharing this RAM
         memory.preflight(need, memory.available(device), ranks_here=here, what=f"{ck.path}: ")
-    model = Transformer(cfg, dist, dtype=dtype, device=device, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    with _out_of_memory(ck, "allocating the model and its KV cache"):
+        model = Transformer(cfg, dist, dtype=dtype, device=device, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     if model.mtp is not None:
         model.mtp.add_own_embedding_and_head(
             embedding=ck.has(f"model.layers.{N}.embed_tokens.weight"),
@@ -136,7 +138,7 @@ def load_model(
     # Shard by shard, closing each before the next: safetensors maps files into memory, and the
     # pages read stay resident (and count in RSS) while the file is open.
     plan.sort(key=lambda item: ck.shard_of(item[0]))
-    with torch.no_grad():
+    with torch.no_grad(), _out_of_memory(ck, "reading the weights"):
         for i, (name, t) in enumerate(plan):
             if i and ck.shard_of(name) != ck.shard_of(plan[i - 1][0]):
                 ck.close()
@@ -145,6 +147,21 @@ def load_model(
                 progress(i + 1, len(plan))
     ck.close()
     return model
+
+
+@contextmanager
+def _out_of_memory(ck: Checkpoint, doing: str) -> Iterator[None]:
+    """An allocation that fails (an address-space limit, --force past the preflight, CUDA) as one line."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        text = str(e)
+        if "alloc" not in text.lower() and "out of memory" not in text.lower():
+            raise
+        size = re.search(r"allocate (\d+) bytes", text)
+        what = f"{human(int(size.group(1)))} more could not be had" if size else text.splitlines()[0][-160:]
+        raise DsvError(f"{ck.path}: out of memory while {doing} ({what}); use more ranks (--nproc), FP8 weights, "
+                       "a shorter --max-seq-len or a smaller --batch-size") from None
 
 
 def _check_finite(name: str, t: torch.Tensor, dtype: str) -> None:

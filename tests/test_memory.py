@@ -96,8 +96,13 @@ def test_generate_refuses_before_loading_and_force_skips_the_check(tiny_bf16):
     big = ["--prompt-ids", "1,2", "--dtype", "float32", "--max-seq-len", str(10**9)]  # a TB of KV cache
     r = runner.invoke(app, ["generate", str(tiny_bf16), *big])
     assert r.exit_code == 1, r.output
-    err = r.stderr.strip().splitlines()
+    err = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
     assert len(err) == 1 and "KV cache" in err[0] and "available" in err[0], r.stderr
     r = runner.invoke(app, ["generate", str(tiny_bf16), "--prompt-ids", "1,2", "--dtype", "float32", "--max-seq-len",
                             "64", "-n", "2", "--force", "--json"])
     assert r.exit_code == 0, r.output
+    # --force past the check: the allocation that fails is still one line (not "internal error")
+    r = runner.invoke(app, ["generate", str(tiny_bf16), *big, "--force"])
+    assert r.exit_code == 1, r.output
+    err = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert len(err) == 1 and "out of memory while allocating" in err[0] and "--max-seq-len" in err[0], r.stderr
