@@ -116,34 +116,44 @@ def _as_dir(p: Path) -> None:
     p.mkdir()
 
 
-def _signal_rank(rank: int, sig: int, timeout_s: int = 600):
-    """Run generate --nproc 2 on many prompts; signal one rank's real process once rank 0 printed."""
-
-    def run(w: Work, argv: list[str]) -> subprocess.CompletedProcess:
-        env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_COLLECTIVE_TIMEOUT_S=str(timeout_s))
-        p = subprocess.Popen([sys.executable, "-m", "dsv3cli.app", *argv], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the child of `launcher` that runs as RANK=rank (read from /proc)."""
+    for d in Path("/proc").iterdir():
         try:
-            p.stdout.readline()
-            for d in Path("/proc").iterdir():
-                try:
-                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                    environ = (d / "environ").read_bytes().split(b"\0")
-                except (OSError, ValueError, IndexError):
-                    continue
-                if ppid == p.pid and f"RANK={rank}".encode() in environ:
-                    os.kill(int(d.name), sig)
-            out, err = p.communicate(timeout=timeout_s + 30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-    return run
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in environ:
+            return int(d.name)
+    return None
 
 
-def _closed_stdout(w: Work, argv: list[str]) -> subprocess.CompletedProcess:
+def signal_rank(argv: list[str], rank: int, sig: int, timeout_s: int = 600) -> subprocess.CompletedProcess:
+    """Run `dsv3 ARGV` (a long generate --nproc 2); once rank 0 printed its first result (every rank
+    is generating), send `sig` to the real process of `rank`. The run must end within the
+    collective timeout + 30 s of that (else TimeoutExpired)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_COLLECTIVE_TIMEOUT_S=str(timeout_s))
+    p = subprocess.Popen([sys.executable, "-m", "dsv3cli.app", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = p.stdout.readline()
+        pid = rank_pid(p.pid, rank)
+        if first and pid is not None:
+            os.kill(pid, sig)
+        out, err = p.communicate(timeout=timeout_s + 30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return subprocess.CompletedProcess(p.args, p.returncode, first + out, err)
+
+
+def _signal_rank(rank: int, sig: int, timeout_s: int = 600):
+    return lambda w, argv: signal_rank(argv, rank, sig, timeout_s)
+
+
+def closed_stdout(w: Work, argv: list[str]) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, "-m", "dsv3cli.app", *argv], stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))
     return subprocess.CompletedProcess(p.args, p.returncode, "", p.stderr)
@@ -243,7 +253,7 @@ def cases() -> list[Case]:
         Case("tiny: OUT is a file", lambda w: ["tiny", str(w.file("tinyfile", "x"))], 1, ("tinyfile",)),
         Case("tiny: OUT not empty", lambda w: ["tiny", str(w.file("y", "").parent)], 1, ("--force",)),
         # ---- faults, in real processes
-        Case("generate: stdout closed", lambda w: ["generate", T(w), "--prompt-ids", "1", *GEN], 1, ("stdout",), process=_closed_stdout),
+        Case("generate: stdout closed", lambda w: ["generate", T(w), "--prompt-ids", "1", *GEN], 1, ("stdout",), process=closed_stdout),
         Case("generate --nproc 2: rank 1 SIGKILLed", lambda w: ["generate", T(w), *_ids(200), "--batch-size", "1", "--nproc", "2", "--mtp", "0", *GEN], 1, ("rank 1 of 2", "SIGKILL"), process=_signal_rank(1, signal.SIGKILL)),
         Case("generate --nproc 2: rank 0 SIGTERMed", lambda w: ["generate", T(w), *_ids(200), "--batch-size", "1", "--nproc", "2", "--mtp", "0", *GEN], 1, ("rank 0 of 2", "SIGTERM"), process=_signal_rank(0, signal.SIGTERM)),
         Case("generate --nproc 2: rank 1 stopped", lambda w: ["generate", T(w), *_ids(200), "--batch-size", "1", "--nproc", "2", "--mtp", "0", *GEN], 1, ("rank 1 of 2", "no progress"), process=_signal_rank(1, signal.SIGSTOP, timeout_s=5)),

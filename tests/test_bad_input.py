@@ -5,15 +5,11 @@ here (stdout closed)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import sweep_bad_input as sweep  # noqa: E402
+import sweep_bad_input as sweep  # tests/ is on sys.path under pytest
 
-CASES = [c for c in sweep.cases() if c.process is None or c.process is sweep._closed_stdout]
+CASES = [c for c in sweep.cases() if c.process is None or c.process is sweep.closed_stdout]
 
 
 @pytest.fixture(scope="module")

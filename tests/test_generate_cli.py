@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 from dsv3cli.app import app
 from dsv3cli.tokenizer import load_tokenizer
 
+import sweep_bad_input as sweep  # tests/ is on sys.path under pytest
+
 runner = CliRunner()
 FAST = ["--dtype", "float32", "--max-new-tokens", "6", "--max-seq-len", "64"]
 
@@ -143,38 +145,11 @@ def test_bad_input_one_line(tiny_bf16, tmp_path):
     one_error_line(gen(missing, "--prompt-ids", "1,2", *FAST), 1, name)
 
 
-def _rank_pid(launcher: int, rank: int) -> int | None:
-    """The pid of the child of `launcher` that runs as RANK=rank (read from /proc)."""
-    for d in Path("/proc").iterdir():
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (d / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == launcher and f"RANK={rank}".encode() in env:
-            return int(d.name)
-    return None
-
-
 def _signal_a_rank(ckpt, rank: int, sig: int, timeout_s: int = 600) -> subprocess.CompletedProcess:
-    """`generate --nproc 2` on many prompts; once rank 0 printed its first result (every rank is
-    generating), send `sig` to the real process of `rank`. The run must end within the collective
-    timeout + 30 s of that."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_COLLECTIVE_TIMEOUT_S=str(timeout_s))
+    """generate --nproc 2 on 200 prompts; `sig` goes to the real process of `rank` once rank 0 printed."""
     ids = [a for _ in range(200) for a in ("--prompt-ids", "1,2,3")]
-    p = subprocess.Popen([sys.executable, "-m", "dsv3cli.app", "generate", str(ckpt), *ids, "--batch-size", "1",
-                          "--nproc", "2", "--mtp", "0", *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
-    try:
-        assert p.stdout.readline(), p.stderr.read()
-        pid = _rank_pid(p.pid, rank)
-        assert pid is not None
-        os.kill(pid, sig)
-        out, err = p.communicate(timeout=timeout_s + 30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return sweep.signal_rank(["generate", str(ckpt), *ids, "--batch-size", "1", "--nproc", "2", "--mtp", "0", *FAST],
+                             rank, sig, timeout_s)
 
 
 @pytest.mark.parametrize("rank,sig,name", [(1, signal.SIGKILL, "SIGKILL"), (0, signal.SIGKILL, "SIGKILL"),
