@@ -136,8 +136,8 @@ def _source_format(ckpt) -> str:
 
 def _fingerprint(path) -> dict:
     """A cheap first check of an input shard for --resume: size, mtime and a hash of its header
-    (`cp -p`, `rsync -a` and `touch -r` keep all three while changing the data: the checksums of
-    `_source_crcs` decide)."""
+    (`cp -p`, `rsync -a` and `touch -r` keep all three while changing the data: the CRC32 of each
+    source shard, recorded in the manifest as `in_crc32`, decides)."""
     import hashlib
     import struct
 

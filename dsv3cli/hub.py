@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 from .checkpoint import free_bytes, human  # noqa: F401  (human: also for commands/download.py)
@@ -253,7 +253,8 @@ def local_state(local_dir: Path, f: RemoteFile) -> LocalFile:
                 rec = None
             if rec == {"oid": f.oid, "size": f.size, "mtime_ns": st.st_mtime_ns}:
                 return LocalFile(f, "complete", f.size)
-            changed = "modified since it was verified" if _verified_before(rec, f) else ""
+            verified = isinstance(rec, dict) and rec.get("oid") == f.oid
+            changed = "modified since it was verified" if verified else ""
             return LocalFile(f, "unverified", f.size, changed)
     part = partial_path(local_dir, f)
     if part.is_file() and 0 < part.stat().st_size <= f.size:
@@ -262,10 +263,6 @@ def local_state(local_dir: Path, f: RemoteFile) -> LocalFile:
         return LocalFile(f, "missing", 0)
     size = dest.stat().st_size if dest.is_file() else None
     return LocalFile(f, "differs", 0, "not a file" if size is None else f"{size} bytes on disk, the hub's has {f.size}")
-
-
-def _verified_before(rec: Any, f: RemoteFile) -> bool:
-    return isinstance(rec, dict) and rec.get("oid") == f.oid
 
 
 # -- choosing files ---------------------------------------------------------------------------
