@@ -15,6 +15,7 @@ run the target directly instead.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import json
@@ -105,16 +106,21 @@ class _WakeStopped(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        me = str(os.getpid())
         while not self.done.wait(0.2):
-            for status in glob.glob("/proc/[0-9]*/status"):
-                try:
-                    fields = dict(ln.split(":\t", 1) for ln in Path(status).read_text().splitlines() if ":\t" in ln)
-                    if fields.get("PPid") == me and fields["State"].startswith("T") and \
-                            int(fields["ShdPnd"], 16) & (1 << (signal.SIGTERM - 1)):
-                        os.kill(int(fields["Pid"]), signal.SIGCONT)
-                except (OSError, KeyError, ValueError):
-                    continue  # gone meanwhile, or not ours to read
+            for children in glob.glob("/proc/self/task/*/children"):  # this process's children (Linux)
+                for pid in _read(children).split():
+                    fields = dict(ln.split(":\t", 1) for ln in _read(f"/proc/{pid}/status").splitlines() if ":\t" in ln)
+                    if fields.get("State", "").startswith("T") and \
+                            int(fields.get("ShdPnd", "0"), 16) & (1 << (signal.SIGTERM - 1)):
+                        with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                            os.kill(int(pid), signal.SIGCONT)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:  # the process is gone meanwhile: nothing to do
+        return ""
 
 
 def _last_error(logs: Path, local_rank: int) -> str:
