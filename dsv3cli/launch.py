@@ -52,8 +52,9 @@ def launch(nproc: int, target: str, job: dict[str, Any], *, stop_after_s: int = 
     """Run `target(job)` in `nproc` local processes; return the exit code for the whole run.
 
     0 when every rank succeeded; rank 0's code when it met bad input (it printed its own error);
-    otherwise 1 after one line naming the rank that died or stalled. `stop_after_s`: how long the
-    agent waits for a stopped rank to exit on SIGTERM before it sends SIGKILL.
+    otherwise 1 after one line naming the rank that died or stalled. `stop_after_s`: when the
+    launcher itself gets a signal, how long the agent waits for the ranks to exit on it before
+    SIGKILL.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
