@@ -17,6 +17,7 @@ import functools
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -560,26 +561,29 @@ def convert_checkpoint(
     bufs = [bytearray(max(out_cap, 1)) for _ in range(2)]
     in_buf = bytearray(max(in_cap, 1))
     kern = load_c_kernels() if device == "cpu" else None
-    for shard in todo:
-        entries = plan[shard]
-        pending: dict = {}
-        source = _Source(ckpt, shard)
-        try:
-            crc = _write_shard(
-                dst / shard,
-                headers[shard],
-                entries,
-                lambda e, buf: _produce(ckpt, source, e, buf, in_buf, device, kern, scale_fmt, workers, pending),
-                on_bytes,
-                bufs,
-            )
-        finally:
-            source.close()
-        # The inputs' checksums, read just after converting them (from the page cache, mostly):
-        # a resume redoes this shard when its source data changed, whatever its size and mtime.
-        in_crc = {s: _crc32_file(src / s) for s in _sources(ckpt, shard, entries)}
-        done[shard] = {"in": _fingerprint(src / shard), "in_crc32": in_crc, "out_size": sizes[shard], "out_crc32": crc}
-        write_json(manifest_path, {"job": job, "shards": dict(sorted(done.items()))})
+    # The inputs' checksums, for a resume to redo a shard whose source data changed whatever its
+    # size and mtime: computed on a thread beside the conversion (zlib releases the GIL), so the
+    # second read of each input costs little time (and no disk reads once the page cache has it).
+    with ThreadPoolExecutor(max_workers=1) as crc_thread:
+        for shard in todo:
+            entries = plan[shard]
+            in_crc = {s: crc_thread.submit(_crc32_file, src / s) for s in _sources(ckpt, shard, entries)}
+            pending: dict = {}
+            source = _Source(ckpt, shard)
+            try:
+                crc = _write_shard(
+                    dst / shard,
+                    headers[shard],
+                    entries,
+                    lambda e, buf: _produce(ckpt, source, e, buf, in_buf, device, kern, scale_fmt, workers, pending),
+                    on_bytes,
+                    bufs,
+                )
+            finally:
+                source.close()
+            done[shard] = {"in": _fingerprint(src / shard), "in_crc32": {s: f.result() for s, f in in_crc.items()},
+                           "out_size": sizes[shard], "out_crc32": crc}
+            write_json(manifest_path, {"job": job, "shards": dict(sorted(done.items()))})
 
     weight_map = {e.name: shard for shard, entries in plan.items() for e in entries}
     total_size = sum(e.nbytes for entries in plan.values() for e in entries)
