@@ -234,8 +234,11 @@ def test_non_finite_logits_stop_generation_naming_the_step(tiny_bf16, tmp_path):
         t[0] = float("nan")
         return t
 
-    ckpt = _with_tensor(tiny_bf16, tmp_path / "nan", "model.norm.weight", nan)
-    one_error_line(gen(ckpt, "--prompt-ids", "1,2", "--mtp", "0", *FAST), 1, "generation step 1", "prompt 1", "NaN")
+    ckpt = _with_tensor(tiny_bf16, tmp_path / "nan", "model.layers.1.post_attention_layernorm.weight", nan)
+    one_error_line(gen(ckpt, "--prompt-ids", "1,2", "--mtp", "0", *FAST), 1, "generation step 1", "prompt 1", "NaN",
+                   "first in the output of layer 1")
+    ckpt = _with_tensor(tiny_bf16, tmp_path / "nan_head", "model.norm.weight", nan)
+    one_error_line(gen(ckpt, "--prompt-ids", "1,2", *FAST), 1, "generation step 1", "the final norm")
 
 
 def test_an_fp8_nan_code_is_named_by_tensor_while_loading(tiny_fp8, tmp_path):
