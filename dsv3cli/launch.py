@@ -81,6 +81,9 @@ def launch(nproc: int, target: str, job: dict[str, Any], *, stop_after_s: int = 
         )
         waker = _WakeStopped()
         waker.start()
+        # The agent installs its own handlers for these and leaves them; this process may go on.
+        handled = [getattr(signal, name) for name in config.signals_to_handle.split(",")]
+        handlers = {sig: signal.getsignal(sig) for sig in handled}
         try:
             elastic_launch(config, sys.executable)("-m", "dsv3cli.launch", target, str(job_path))
         except SignalException as e:
@@ -93,6 +96,8 @@ def launch(nproc: int, target: str, job: dict[str, Any], *, stop_after_s: int = 
             return _report(codes, tails, nproc, timeout_s)
         finally:
             waker.done.set()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     return 0
 
 
