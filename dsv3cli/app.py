@@ -46,6 +46,8 @@ def boundary(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        if sys.stdout is None:  # started with stdout closed (>&-): results would vanish or crash
+            raise _report("stdout is closed; redirect it instead (> out.txt, or > /dev/null to drop the results)", 1)
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -56,6 +58,9 @@ def boundary(fn: Callable) -> Callable:
             raise _report("interrupted", 130) from None
         except BrokenPipeError:
             raise typer.Exit(1) from None
+        except (FileExistsError, NotADirectoryError) as e:  # a file where a folder should be
+            raise _report(f"{e.filename}: a file is in the way of a folder this command writes; move it or choose "
+                          "another path", 1) from None
         except OSError as e:
             # Disk full, permissions, missing files: the OS message names the path.
             raise _report(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}", 1) from None

@@ -31,6 +31,9 @@ _FP8_WEIGHT = re.compile(
     r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$"
 )
 SCALE_SUFFIX = "_scale_inv"
+# Buffers some checkpoints carry that are not weights (Kimi-K2's rotary frequencies, recomputed
+# from the config): accepted everywhere, never loaded.
+KNOWN_BUFFERS = re.compile(r"\.rotary_emb\.inv_freq$")
 BLOCK = 128  # the hub's weight_block_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -150,15 +153,16 @@ def expected_shapes(cfg: ModelConfig, *, fp8: bool | None = None, mtp: bool = Tr
 
 
 def free_bytes(path: str | Path) -> int:
-    """Free bytes on the file system that will hold `path` (its nearest existing parent).
-    DSV3_FAKE_FREE_BYTES overrides it: the seam tests use to exercise the disk preflights."""
-    fake = os.environ.get("DSV3_FAKE_FREE_BYTES")
-    if fake:
-        return int(fake)
+    """Free bytes on the file system that will hold `path` (its nearest existing parent)."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free
+
+
+def not_a_folder(path: Path) -> str:
+    """Why `path` is no folder: "no such folder" or "not a folder (a file)"."""
+    return "not a folder (a file)" if path.exists() else "no such folder"
 
 
 def human(n: float) -> str:
@@ -270,7 +274,7 @@ class Checkpoint:
         self._handles: dict[str, Any] = {}
         self._config: ModelConfig | None = None
         if not self.path.is_dir():
-            raise DsvError(f"{self.path}: not a folder; pass a checkpoint folder (config.json + safetensors)")
+            raise DsvError(f"{self.path}: {not_a_folder(self.path)}; pass a checkpoint folder (config.json + safetensors)")
         if (self.path / INDEX_NAME).is_file():
             self.weight_map, self.index_metadata = _read_index(self.path)
         elif (self.path / SINGLE_NAME).is_file():
@@ -400,7 +404,7 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
     rep = ValidationReport()
     P = rep.problems.append
     if not folder.is_dir():
-        raise DsvError(f"{folder}: not a folder; pass a checkpoint folder")
+        raise DsvError(f"{folder}: {not_a_folder(folder)}; pass a checkpoint folder")
 
     cfg: ModelConfig | None = None
     try:
@@ -433,7 +437,8 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
         p = folder / shard
         if not p.is_file():
             n = sum(1 for s in weight_map.values() if s == shard) if weight_map else 0
-            P(f"{shard}: missing ({plural(n, 'tensor')} of the index live there); download it again")
+            what = "a folder, not a safetensors file" if p.is_dir() else "missing"
+            P(f"{shard}: {what} ({plural(n, 'tensor')} of the index live there); download it again")
             continue
         try:
             h, _ = read_header(p)
@@ -509,7 +514,10 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
                 P(f"{n}: missing (config.json expects {list(shp)}); the checkpoint is incomplete or for another config")
             elif n in infos and infos[n].shape != shp:
                 P(f"{where[n]}: {n} has shape {list(infos[n].shape)} but config.json implies {list(shp)}")
-        for n in sorted(set(infos) - set(exp)):
+        buffers = sorted(n for n in set(infos) - set(exp) if KNOWN_BUFFERS.search(n))
+        if buffers:
+            rep.warnings.append(f"{_examples(buffers)}: {len(buffers)} non-weight buffer(s), recomputed from config.json (ignored)")
+        for n in sorted(set(infos) - set(exp) - set(buffers)):
             if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in exp:
                 continue
             P(f"{where[n]}: {n} is not a tensor of this config (config.json)")
@@ -632,7 +640,12 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:  # a full disk or a lost mount: the message names the file meant
+            if e.filename:
+                raise
+            raise DsvError(f"{path}: could not write it ({e.strerror or e}); nothing was left at that name") from None
         # Some writers (safetensors) create 0600 files; give the result ordinary permissions.
         umask = os.umask(0)
         os.umask(umask)

@@ -20,6 +20,15 @@ from .errors import DsvError
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 
+# Counts and sizes: whole numbers, at least 1 (POSITIVE) or at least 0 (COUNTS).
+POSITIVE = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq", "max_position_embeddings",
+)
+COUNTS = ("first_k_dense_replace", "n_routed_experts", "n_shared_experts", "num_nextn_predict_layers")
+REALS = ("routed_scaling_factor", "rms_norm_eps", "rope_theta")
+
 REQUIRED_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
     "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
@@ -178,6 +187,17 @@ class ModelConfig:
         return cfg
 
     def check(self, source: str = "config.json") -> None:
+        for key in POSITIVE + COUNTS + ("q_lora_rank",):
+            v = getattr(self, key)
+            if key == "q_lora_rank" and v is None:
+                continue
+            low = 0 if key in COUNTS else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise DsvError(f"{source}: {key} is {json.dumps(v)}; expected a whole number >= {low}")
+        for key in REALS:
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise DsvError(f"{source}: {key} is {json.dumps(v)}; expected a number > 0")
         if self.n_routed_experts:
             if self.n_routed_experts % self.n_group:
                 raise DsvError(f"{source}: n_routed_experts {self.n_routed_experts} is not divisible by n_group {self.n_group}")
@@ -219,6 +239,13 @@ class ModelConfig:
         out.setdefault("num_key_value_heads", self.num_attention_heads)
         out.pop("rope_parameters", None)
         return out
+
+    def past_context(self, positions: int, what: str) -> str | None:
+        """A warning when `positions` tokens go past max_position_embeddings (`what` names the option)."""
+        if positions <= self.max_position_embeddings:
+            return None
+        return (f"{what} reaches {positions} positions, past this model's max_position_embeddings "
+                f"{self.max_position_embeddings} (config.json): the tokens beyond it are out of what it was trained on")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

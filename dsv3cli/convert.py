@@ -13,15 +13,17 @@ torch functions of `dsv3cli.fp8` do the work. Checkpoints are read and written t
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 from dsv3_kernels.cpu import default as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
 
-from .checkpoint import free_bytes, human
+from .checkpoint import free_bytes, human, not_a_folder
 
 BLOCK = 128  # as dsv3cli.fp8.BLOCK (not imported from there: that would import torch)
 SCALE_FMTS = ("e4m3", "ue8m0")
@@ -46,7 +48,7 @@ def _resolve_device(device: str) -> str:
 
 
 MANIFEST_NAME = ".dsv3-quantize.json"  # progress of an unfinished conversion; removed at the end
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = 2
 _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}  # the dtypes this module computes with
 _SHARD_METADATA = {"format": "pt"}
 
@@ -134,7 +136,9 @@ def _source_format(ckpt) -> str:
 
 
 def _fingerprint(path) -> dict:
-    """Identity of an input shard for --resume: size, mtime and a hash of its header."""
+    """A cheap first check of an input shard for --resume: size, mtime and a hash of its header
+    (`cp -p`, `rsync -a` and `touch -r` keep all three while changing the data: the CRC32 of each
+    source shard, recorded in the manifest as `in_crc32`, decides)."""
     import hashlib
     import struct
 
@@ -153,6 +157,22 @@ def _crc32_file(path) -> str:
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
+
+
+def _describe(job) -> str:
+    """A conversion's settings for people: 'SRC to fp8 (e4m3 scales)'."""
+    if not isinstance(job, dict):
+        return "unreadable record"
+    fmt = f" ({job['scale_fmt']} scales)" if job.get("scale_fmt") else ""
+    return f"{job.get('src', '?')} to {job.get('to', '?')}{fmt}"
+
+
+def _sources(ckpt, shard: str, entries: list[_Entry]) -> list[str]:
+    """The input shards an output shard is made from: its own, and those holding the scales of
+    its FP8 weights."""
+    from .checkpoint import scale_name
+
+    return sorted({shard} | {ckpt.shard_of(scale_name(e.src)) for e in entries if e.kind == "dequant"})
 
 
 class _Source:
@@ -374,6 +394,7 @@ def convert_checkpoint(
     resume: bool = False,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    free_space: Callable[[Path], int] = free_bytes,
 ) -> dict:
     """Convert the checkpoint folder `src` (BF16/F32 or FP8) to `dst` in the other format
     (`to` = "fp8" or "bf16"), shard by shard, one tensor at a time.
@@ -383,7 +404,8 @@ def convert_checkpoint(
     total_size (written last), `quantization_config` added to or removed from config.json,
     and a copy of every other file. `resume` skips shards finished and verified by an earlier
     run (a manifest records them) and ends byte-identical to an uninterrupted run.
-    `progress(done_bytes, total_bytes)` is called as input bytes are processed.
+    `progress(done_bytes, total_bytes)` is called as input bytes are processed;
+    `free_space(dst)` says how many bytes DST's file system has free.
     Returns a summary dict."""
     import json
     import re
@@ -391,13 +413,13 @@ def convert_checkpoint(
     import time
     from pathlib import Path
 
-    from .checkpoint import INDEX_NAME, Checkpoint, atomic_output, write_index, write_json
+    from .checkpoint import INDEX_NAME, Checkpoint, atomic_output, validate, write_index, write_json
     from .errors import DsvError, UsageError
 
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
-        raise DsvError(f"{src}: not a folder; pass a checkpoint folder")
+        raise DsvError(f"{src}: {not_a_folder(src)}; pass a checkpoint folder as SRC")
     s_abs, d_abs = src.resolve(), dst.resolve()
     if d_abs == s_abs or s_abs in d_abs.parents:
         raise UsageError(f"{dst}: DST is {'SRC itself' if d_abs == s_abs else 'inside SRC'}; choose a folder outside {src}")
@@ -424,6 +446,12 @@ def convert_checkpoint(
         raise UsageError("--scale-fmt applies only with --to fp8")
     scale_fmt = scale_fmt or "e4m3"
     plan = _plan(ckpt, to, scale_fmt)
+    # verify's checks before anything is written: a tensor the index does not list would be
+    # dropped, a config.json that disagrees with the tensors would be carried into DST.
+    report = validate(src)
+    if not report.ok:
+        more = f" (and {len(report.problems) - 1} more: dsv3 verify {src} lists them)" if len(report.problems) > 1 else ""
+        raise DsvError(f"{src}: {report.problems[0]}{more}; fix the source checkpoint first")
 
     # DST: must be creatable and writable, and empty unless --resume/--force.
     if dst.exists() and not dst.is_dir():
@@ -445,7 +473,8 @@ def convert_checkpoint(
         except (OSError, json.JSONDecodeError):
             manifest = {}
         if manifest.get("job") != job:
-            raise DsvError(f"{dst}: holds an unfinished conversion with other settings ({manifest.get('job')}); pass --force to start over")
+            raise DsvError(f"{dst}: holds an unfinished conversion of other settings ({_describe(manifest.get('job'))}; "
+                           f"this run: {_describe(job)}); pass --force to start over, or another DST")
     elif resume and existing:
         raise DsvError(f"{dst}: not empty and has no record of an unfinished dsv3 quantize to resume; pass --force to overwrite")
     elif existing and not force:
@@ -467,6 +496,7 @@ def convert_checkpoint(
     headers = {shard: _shard_header(entries) for shard, entries in plan.items()}
     sizes = {shard: len(headers[shard]) + sum(e.nbytes for e in entries) for shard, entries in plan.items()}
     skip = set()
+    src_crc = functools.cache(lambda shard: _crc32_file(src / shard))  # each input read once
     for shard, rec in done.items():
         out = dst / shard
         if (
@@ -474,6 +504,7 @@ def convert_checkpoint(
             and out.is_file()
             and out.stat().st_size == sizes[shard] == rec.get("out_size")
             and rec.get("in") == _fingerprint(src / shard)
+            and rec.get("in_crc32") == {s: src_crc(s) for s in _sources(ckpt, shard, plan[shard])}
             and _crc32_file(out) == rec.get("out_crc32")
         ):
             skip.add(shard)
@@ -487,7 +518,7 @@ def convert_checkpoint(
         and not any(part in (".git", ".cache") for part in p.relative_to(src).parts)
     ]
     need = sum(sizes[s] for s in plan if s not in skip) + sum(p.stat().st_size for p in other_files) + (1 << 20)
-    free = free_bytes(dst)
+    free = free_space(dst)
     if need > free:
         raise DsvError(f"{dst}: not enough free disk: needs {human(need)} ({need} bytes), {human(free)} ({free} bytes) free; free some space or choose another DST")
 
@@ -516,18 +547,11 @@ def convert_checkpoint(
     if progress:
         progress(done_bytes, total_in)
 
-    # Test seam: a real SIGKILL once this many input bytes are done (mid-shard), for --resume tests.
-    kill_at = int(os.environ.get("DSV3_QUANTIZE_KILL_AT", "-1"))
-
     def on_bytes(n: int) -> None:
         nonlocal done_bytes
         done_bytes += n
         if progress:
             progress(done_bytes, total_in)
-        if 0 <= kill_at <= done_bytes:
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
 
     # Reused buffers: two for output tensors (one being written while the next is computed),
     # one for the input tensor being converted. Memory stays ~3 x the largest tensor.
@@ -537,23 +561,29 @@ def convert_checkpoint(
     bufs = [bytearray(max(out_cap, 1)) for _ in range(2)]
     in_buf = bytearray(max(in_cap, 1))
     kern = load_c_kernels() if device == "cpu" else None
-    for shard in todo:
-        entries = plan[shard]
-        pending: dict = {}
-        source = _Source(ckpt, shard)
-        try:
-            crc = _write_shard(
-                dst / shard,
-                headers[shard],
-                entries,
-                lambda e, buf: _produce(ckpt, source, e, buf, in_buf, device, kern, scale_fmt, workers, pending),
-                on_bytes,
-                bufs,
-            )
-        finally:
-            source.close()
-        done[shard] = {"in": _fingerprint(src / shard), "out_size": sizes[shard], "out_crc32": crc}
-        write_json(manifest_path, {"job": job, "shards": dict(sorted(done.items()))})
+    # The inputs' checksums, for a resume to redo a shard whose source data changed whatever its
+    # size and mtime: computed on a thread beside the conversion (zlib releases the GIL), so the
+    # second read of each input costs little time (and no disk reads once the page cache has it).
+    with ThreadPoolExecutor(max_workers=1) as crc_thread:
+        for shard in todo:
+            entries = plan[shard]
+            in_crc = {s: crc_thread.submit(_crc32_file, src / s) for s in _sources(ckpt, shard, entries)}
+            pending: dict = {}
+            source = _Source(ckpt, shard)
+            try:
+                crc = _write_shard(
+                    dst / shard,
+                    headers[shard],
+                    entries,
+                    lambda e, buf: _produce(ckpt, source, e, buf, in_buf, device, kern, scale_fmt, workers, pending),
+                    on_bytes,
+                    bufs,
+                )
+            finally:
+                source.close()
+            done[shard] = {"in": _fingerprint(src / shard), "in_crc32": {s: f.result() for s, f in in_crc.items()},
+                           "out_size": sizes[shard], "out_crc32": crc}
+            write_json(manifest_path, {"job": job, "shards": dict(sorted(done.items()))})
 
     weight_map = {e.name: shard for shard, entries in plan.items() for e in entries}
     total_size = sum(e.nbytes for entries in plan.values() for e in entries)

@@ -285,11 +285,16 @@ def expected_experts_touched(cfg: ModelConfig, tokens: float) -> float:
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
 
 
+# Example values per option, for the message when one is not a number.
+EXAMPLES = {"--mfu": "0.35, 0.4", "--price": "2, 1.5", "--gpus": "2048, 256", "--context": "4096, 32k",
+            "--batch": "1, 64"}
+
+
 def parse_quantity(text: str, option: str) -> float:
     """'14.8T', '500B', '1e12', '2048' -> a number; UsageError naming `option` otherwise."""
     m = re.fullmatch(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*([kmbgtp]?)\s*", str(text), re.IGNORECASE)
     if not m:
-        raise UsageError(f"{option} {text!r}: not a number (examples: 14.8T, 500B, 1e12)")
+        raise UsageError(f"{option} {text!r}: not a number (examples: {EXAMPLES.get(option, '14.8T, 500B, 1e12')})")
     return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
 
 

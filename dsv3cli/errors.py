@@ -16,3 +16,11 @@ class UsageError(DsvError):
     """Options that contradict each other or are out of range (exit code 2, like click's)."""
 
     exit_code = 2
+
+
+class PeerFailure(DsvError):
+    """A collective failed because another rank died or stalled: a consequence, not the cause."""
+
+    def __init__(self, message: str, stalled: bool):
+        super().__init__(message)
+        self.stalled = stalled  # the collective timed out (the peer is alive but made no progress)

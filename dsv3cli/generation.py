@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import UsageError
+from .errors import DsvError, UsageError
 from .model import rows_at
 from .parallel import Dist
 from .render import plural
@@ -293,6 +293,7 @@ def generate(
 
     t0 = time.perf_counter()
     logits, hidden = model.forward(tokens, zeros, logits_at=last)  # [B,V] at each prompt's end, [B,T,D]
+    check_finite(logits, range(B), [1] * B, lambda: first_nonfinite(model, lambda: model.forward(tokens, zeros, logits_at=last)))
     first, _ = pick(logits)  # [B]
     first_l = first.tolist()
     t1 = time.perf_counter()
@@ -351,6 +352,7 @@ def generate(
         feed = cur.unsqueeze(1) if k == 0 else torch.cat([cur.unsqueeze(1), drafts], dim=1)  # [B,k+1]
         logits, hidden = model.forward(feed, start)  # [B,k+1,V], [B,k+1,D]
         st.main_forwards += 1
+        check_finite(logits, active, [len(out[b]) + 1 for b in active], lambda: first_nonfinite(model, lambda: model.forward(feed, start)))
         if sampling.greedy:
             # The argmax at each scored position is what plain greedy decoding emits after the
             # drafts before it, so drafts are accepted while they equal it.
@@ -393,6 +395,48 @@ def generate(
             drafts, p_draft = _draft(model, m_logits, m_hidden, at, start, n_drafts(), pick)
     st.decode_s = time.perf_counter() - t2
     return out, st
+
+
+def check_finite(logits: torch.Tensor, rows: Sequence[int], steps: Sequence[int],
+                 locate: Callable[[], str | None] | None = None) -> None:
+    """Stop (DsvError) when the logits of a sequence still generating hold NaN or inf: argmax and
+    sampling would go on emitting token 0 as if it were text. `steps[i]`: the generated token
+    (from 1) that row `rows[i]` is deciding; `locate()` names the first part with a non-finite
+    output (run only then: it repeats the forward)."""
+    rows = list(rows)
+    bad = ~torch.isfinite(logits[rows]).flatten(1).all(dim=1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        where = locate() if locate is not None else None
+        raise DsvError(
+            f"generation step {steps[i]}: the logits of prompt {rows[i] + 1} are NaN or infinite"
+            f"{f' (first in the output of {where})' if where else ''}; the weights hold a NaN or inf value or "
+            "overflow (run dsv3 verify --check-values on the checkpoint, or try --dtype float32)"
+        )
+
+
+def first_nonfinite(model, forward: Callable[[], object]) -> str | None:
+    """Run `forward()` again with hooks on the embedding, each decoder layer and the final norm:
+    the first of them whose output holds NaN or inf, or None."""
+    parts = [("the embedding", getattr(model, "embed_tokens", None))]
+    parts += [(f"layer {i}", layer) for i, layer in enumerate(getattr(model, "layers", []))]
+    parts.append(("the final norm", getattr(model, "norm", None)))
+    found: list[str] = []
+
+    def hook(name: str):
+        def record(module, inputs, output) -> None:
+            t = output[0] if isinstance(output, tuple) else output
+            if not found and torch.is_tensor(t) and not bool(torch.isfinite(t).all()):
+                found.append(name)
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in parts if m is not None]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
 
 
 def _agreeing(drafts: list[int], top: list[int]) -> int:

@@ -233,6 +233,7 @@ class LocalFile:
     remote: RemoteFile
     status: str  # complete | unverified | partial | differs | missing
     have: int  # bytes on disk that count towards this file
+    changed: str = ""  # how a file we verified earlier differs now (it is hashed or fetched again)
 
     @property
     def remaining(self) -> int:
@@ -252,11 +253,16 @@ def local_state(local_dir: Path, f: RemoteFile) -> LocalFile:
                 rec = None
             if rec == {"oid": f.oid, "size": f.size, "mtime_ns": st.st_mtime_ns}:
                 return LocalFile(f, "complete", f.size)
-            return LocalFile(f, "unverified", f.size)
+            verified = isinstance(rec, dict) and rec.get("oid") == f.oid
+            changed = "modified since it was verified" if verified else ""
+            return LocalFile(f, "unverified", f.size, changed)
     part = partial_path(local_dir, f)
     if part.is_file() and 0 < part.stat().st_size <= f.size:
         return LocalFile(f, "partial", part.stat().st_size)
-    return LocalFile(f, "differs" if dest.exists() else "missing", 0)
+    if not dest.exists():
+        return LocalFile(f, "missing", 0)
+    size = dest.stat().st_size if dest.is_file() else None
+    return LocalFile(f, "differs", 0, "not a file" if size is None else f"{size} bytes on disk, the hub's has {f.size}")
 
 
 # -- choosing files ---------------------------------------------------------------------------
@@ -355,11 +361,15 @@ class Plan:
 
 
 def plan_download(repo: str | None, local_dir: str | Path, *, revision: str | None = None, token: str | None = None,
-                  include: Iterable[str] = (), exclude: Iterable[str] = (), only: Iterable[str] = ()) -> Plan:
+                  include: Iterable[str] = (), exclude: Iterable[str] = (), only: Iterable[str] = (),
+                  free_space: Callable[[Path], int] = free_bytes) -> Plan:
+    """What to fetch into `local_dir`; `free_space(local_dir)` says how many bytes its disk has free."""
     local_dir = Path(local_dir)
+    if local_dir.exists() and not local_dir.is_dir():
+        raise DsvError(f"--local-dir {local_dir}: exists and is not a folder; choose a folder")
     snap = open_snapshot(repo, revision, token, local_dir)
     files = select_files(snap, local_dir, include=include, exclude=exclude, only=only)
-    return Plan(snap, local_dir, [local_state(local_dir, f) for f in files], free_bytes(local_dir))
+    return Plan(snap, local_dir, [local_state(local_dir, f) for f in files], free_space(local_dir))
 
 
 # -- fetching ---------------------------------------------------------------------------------
@@ -467,6 +477,7 @@ class FetchStats:
     fetched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # complete and verified already
     bytes: int = 0
+    refetched: dict[str, str] = field(default_factory=dict)  # a local file replaced: path -> why
 
 
 def _run_parallel(jobs: list, fn: Callable, workers: int, stop: threading.Event) -> None:
@@ -525,6 +536,11 @@ def fetch(plan: Plan, *, workers: int = 8) -> FetchStats:
                         stats.skipped.append(f.path)
                     return
                 grow(f.size)
+                with lock:
+                    stats.refetched[f.path] = f"{lf.changed + ': ' if lf.changed else ''}its content differs from the hub's"
+            elif lf.status == "differs":
+                with lock:
+                    stats.refetched[f.path] = lf.changed
             try:
                 try:
                     _fetch_file(snap, f, local_dir, advance, stop)
@@ -635,6 +651,7 @@ class DownloadResult:
     def as_dict(self) -> dict:
         d = self.plan.as_dict()
         d.update({"fetched": self.stats.fetched, "skipped": self.stats.skipped, "downloaded_bytes": self.stats.bytes,
+                  "refetched": self.stats.refetched,
                   "seconds": round(self.seconds, 3), "repaired": self.repaired, "ok": self.ok,
                   "verify": self.verify.as_dict() if self.verify else None,
                   "format_problems": self.format_problems})

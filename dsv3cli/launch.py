@@ -1,33 +1,40 @@
-"""A small local launcher for `--nproc N`: N processes with torchrun's environment on one machine.
+"""`--nproc N` on one machine through torch's own launcher (torchelastic's agent, as torchrun uses).
 
-Boundary: processes, pipes and exit codes only; no torch, no model. `launch` starts N copies of
-`python -m dsv3cli.launch TARGET JOB` with MASTER_ADDR=127.0.0.1, a free MASTER_PORT, RANK,
-WORLD_SIZE, LOCAL_RANK; each child calls `TARGET(job)` (a "module:function" and a JSON-able dict).
-Only rank 0's stdout and stderr reach the user (relayed live); the other ranks' stderr is kept
-and shown when one of them fails. When a rank dies, the others get `grace_s` seconds to exit
-(they usually fail at once in a collective) and are then terminated, so nothing hangs.
-Under torchrun (WORLD_SIZE already set) callers run the target directly instead.
+Boundary: processes and the agent's failure report only; no model. `launch` runs N copies of
+`python -m dsv3cli.launch TARGET JOB` under `elastic_launch`; each calls `TARGET(job)` (a
+"module:function" and a JSON-able dict). The agent tracks every child: when one exits badly it
+stops the rest, so nothing survives and nothing hangs. Rank 0 keeps the terminal (its stdout,
+stderr and stdin are the user's); the other ranks' output goes to log files, read back when one of
+them is the rank that failed. What is ours is turning the agent's report into one line.
+
+A rank that stalls (alive, no progress) is found by the collective timeout of the process group
+(`parallel.init_distributed`): the ranks waiting for it fail with `PEER_EXIT`, and the ranks still
+running then are the ones that made no progress. Under torchrun (WORLD_SIZE already set) callers
+run the target directly instead.
 """
 
 from __future__ import annotations
 
-import codecs
+import contextlib
+import glob
 import importlib
 import json
+import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections import deque
-from typing import IO, Any
+import uuid
+from pathlib import Path
+from typing import Any
 
-from .errors import DsvError
+from .errors import DsvError, PeerFailure
 
-GRACE_ENV = "DSV3_RANK_GRACE_S"  # seconds the other ranks get after one dies (default 10)
+# A rank's exit code when a collective failed because another rank died (PEER_EXIT) or made no
+# progress within the timeout (PEER_STALL): a consequence, the launcher names the cause.
+PEER_EXIT, PEER_STALL = 75, 76
 
 
 def under_launcher() -> bool:
@@ -41,149 +48,135 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _relay(src: IO[bytes], dst: IO[str] | None, keep: deque | None, held: list[str] | None = None) -> None:
-    """Copy a child's pipe to `dst` as it arrives (partial UTF-8 held back), keeping the last lines.
-
-    With `held`, the stream is handled by whole lines and `Error:` lines are put there instead of
-    written: the launcher decides at the end whose error the user sees.
-    """
-    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""
-    while True:
-        chunk = os.read(src.fileno(), 65536)
-        text = dec.decode(chunk, final=not chunk)
-        if held is not None:
-            *lines, pending = (pending + text).split("\n")
-            lines = [ln + "\n" for ln in lines]
-            if not chunk and pending:
-                lines.append(pending)
-            held.extend(ln.rstrip("\n") for ln in lines if ln.startswith("Error:"))
-            text = "".join(ln for ln in lines if not ln.startswith("Error:"))
-        if text:
-            if dst is not None:
-                dst.write(text)
-                dst.flush()
-            if keep is not None:
-                keep.extend(line for line in text.splitlines() if line.strip())
-        if not chunk:
-            break
-    src.close()
-
-
-def launch(nproc: int, target: str, job: dict[str, Any], *, grace_s: float | None = None) -> int:
+def launch(nproc: int, target: str, job: dict[str, Any], *, stop_after_s: int = 5) -> int:
     """Run `target(job)` in `nproc` local processes; return the exit code for the whole run.
 
-    0 when every rank succeeded; rank 0's code when it failed first (it printed its own error);
-    otherwise 1 after one line naming the rank that failed first and its last message.
+    0 when every rank succeeded; rank 0's code when it met bad input (it printed its own error);
+    otherwise 1 after one line naming the rank that died or stalled. `stop_after_s`: when the
+    launcher itself gets a signal, how long the agent waits for the ranks to exit on it before
+    SIGKILL.
     """
-    if grace_s is None:
-        grace_s = float(os.environ.get(GRACE_ENV, "10"))
-    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="dsv3-job-", delete=False) as f:
-        json.dump(job, f)
-        job_path = f.name
-    port = free_port()
-    procs: list[subprocess.Popen] = []
-    threads: list[threading.Thread] = []
-    tails: list[deque] = []
-    held: list[str] = []  # rank 0's error lines
-    try:
-        for r in range(nproc):
-            env = dict(
-                os.environ,
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                RANK=str(r),
-                WORLD_SIZE=str(nproc),
-                LOCAL_RANK=str(r),
-                LOCAL_WORLD_SIZE=str(nproc),
-            )
-            # Share the cores: N ranks each using every core thrash (torchrun sets 1 likewise).
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-            p = subprocess.Popen(
-                [sys.executable, "-m", "dsv3cli.launch", target, job_path],
-                stdin=None if r == 0 else subprocess.DEVNULL,  # rank 0 reads the chat
-                stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                env=env,
-            )
-            procs.append(p)
-            tail: deque = deque(maxlen=20)
-            tails.append(tail)
-            if r == 0:
-                threads.append(threading.Thread(target=_relay, args=(p.stdout, sys.stdout, None), daemon=True))
-            threads.append(threading.Thread(
-                target=_relay, args=(p.stderr, sys.stderr if r == 0 else None, tail, held if r == 0 else None), daemon=True
-            ))
-        for t in threads:
-            t.start()
-        first_fail = _watch(procs, grace_s)
-        for t in threads:
-            t.join(timeout=5)
-    except KeyboardInterrupt:
-        _stop(procs)
-        raise
-    finally:
-        _stop(procs)
-        os.unlink(job_path)
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    codes = [p.returncode for p in procs]
-    if all(c == 0 for c in codes):
-        return 0
-    rank, code = first_fail if first_fail is not None else next((r, c) for r, c in enumerate(codes) if c)
-    last = tails[rank][-1] if tails[rank] else ""
-    if rank == 0 or (held and held[-1] == last):  # rank 0 failed, or every rank met the same bad input
-        for line in held:
-            print(line, file=sys.stderr)
-        return codes[0] or code or 1
-    # Rank 0's own error is a consequence (a collective with the dead rank failed): not shown.
-    last = last.removeprefix("Error: ")
-    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    from .parallel import collective_timeout_s
+
+    timeout_s = collective_timeout_s()  # a bad DSV3_COLLECTIVE_TIMEOUT_S is named once, here
+
+    # The agent logs every step and every failure with a traceback; the one line below says it.
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="dsv3-run-") as tmp:
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps(job))
+        logs = Path(tmp) / "logs"
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex, role="dsv3",
+            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+            monitor_interval=0.1, local_addr="127.0.0.1", shutdown_timeout=stop_after_s,
+            logs_specs=DefaultLogsSpecs(
+                log_dir=str(logs), redirects={r: Std.NONE if r == 0 else Std.ALL for r in range(nproc)}
+            ),
+        )
+        waker = _WakeStopped()
+        waker.start()
+        # The agent installs its own handlers for these and leaves them; this process may go on.
+        handled = [getattr(signal, name) for name in config.signals_to_handle.split(",")]
+        handlers = {sig: signal.getsignal(sig) for sig in handled}
+        try:
+            elastic_launch(config, sys.executable)("-m", "dsv3cli.launch", target, str(job_path))
+        except SignalException as e:
+            if e.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise DsvError(f"the launcher got {signal.Signals(e.sigval).name}; stopped all {nproc} ranks") from None
+        except ChildFailedError as e:
+            codes = {rank: f.exitcode for rank, f in e.failures.items()}
+            tails = {rank: _last_error(logs, rank) for rank in codes}
+            return _report(codes, tails, nproc, timeout_s)
+        finally:
+            waker.done.set()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    return 0
+
+
+class _WakeStopped(threading.Thread):
+    """Continue a stopped child that has a SIGTERM pending, so that the SIGTERM lands.
+
+    When a rank fails, torch's agent sends the others SIGTERM and waits 30 s (fixed there) before
+    SIGKILL; a rank stopped by SIGSTOP or a debugger would hold the whole run for those 30 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            for children in glob.glob("/proc/self/task/*/children"):  # this process's children (Linux)
+                for pid in _read(children).split():
+                    fields = dict(ln.split(":\t", 1) for ln in _read(f"/proc/{pid}/status").splitlines() if ":\t" in ln)
+                    if fields.get("State", "").startswith("T") and \
+                            int(fields.get("ShdPnd", "0"), 16) & (1 << (signal.SIGTERM - 1)):
+                        with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                            os.kill(int(pid), signal.SIGCONT)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:  # the process is gone meanwhile: nothing to do
+        return ""
+
+
+def _last_error(logs: Path, local_rank: int) -> str:
+    """The last line a rank wrote to stderr (rank 0's went to the terminal: none)."""
+    for path in glob.glob(str(logs / "**" / str(local_rank) / "stderr.log"), recursive=True):
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+        return lines[-1].removeprefix("Error: ") if lines else ""
+    return ""
+
+
+def _report(codes: dict[int, int], tails: dict[int, str], nproc: int, timeout_s: float) -> int:
+    """Print the one line for a failed run from each failed rank's exit code and last words.
+
+    `codes` is in the agent's order: the ranks that failed on their own first, then those it
+    stopped (SIGTERM, or SIGKILL after `stop_after_s`)."""
+    if codes.get(0) in (1, 2):  # bad input: rank 0 printed it (every rank met the same)
+        return codes[0]
+    others = [r for r, c in codes.items() if c not in (PEER_EXIT, PEER_STALL)]
+    if others and PEER_STALL not in codes.values():
+        rank = others[0]
+        code = codes[rank]
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+        last = tails.get(rank, "")
+        print(f"Error: rank {rank} of {nproc} {how}{': ' + last if last else ''}; stopped the other ranks", file=sys.stderr)
+        return 1
+    stalled = others or [r for r in range(nproc) if r not in codes]
+    who = f"rank {stalled[0]}" if len(stalled) == 1 else f"ranks {', '.join(map(str, stalled))}"
     print(
-        f"Error: rank {rank} of {nproc} {how}{': ' + last if last else ''}; stopped the other ranks",
+        f"Error: {who} of {nproc} made no progress for {timeout_s:g} s (the collective timeout, "
+        "DSV3_COLLECTIVE_TIMEOUT_S): stuck, or stopped by a signal or a debugger; stopped every rank",
         file=sys.stderr,
     )
     return 1
 
 
-def _watch(procs: list[subprocess.Popen], grace_s: float) -> tuple[int, int] | None:
-    """Wait for every child; after the first failure give the rest `grace_s` seconds, then stop
-    them. Returns (rank, code) of the first failure, or None."""
-    first: tuple[int, int] | None = None
-    failed_at = 0.0
-    while True:
-        codes = [p.poll() for p in procs]
-        if first is None:
-            for r, c in enumerate(codes):
-                if c not in (None, 0):
-                    first, failed_at = (r, c), time.monotonic()
-                    break
-        if all(c is not None for c in codes):
-            return first
-        if first is not None and time.monotonic() - failed_at > grace_s:
-            _stop(procs)
-            return first
-        time.sleep(0.02)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    for p in procs:
-        if p.poll() is None:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
 
 
 def run_target(target: str, job: dict[str, Any]) -> int:
-    """Call `target(job)` as one rank: bad input becomes one `Error:` line and an exit code."""
+    """Call `target(job)` as one rank: bad input becomes one `Error:` line and an exit code; a
+    failed collective becomes PEER_EXIT, silently (the launcher names the rank that caused it)."""
     mod, _, fn = target.partition(":")
     try:
         getattr(importlib.import_module(mod), fn)(job)
+    except PeerFailure as e:
+        return PEER_STALL if e.stalled else PEER_EXIT
     except DsvError as e:
         print(f"Error: {e}", file=sys.stderr)
         return e.exit_code
@@ -203,10 +196,7 @@ def _main(argv: list[str]) -> int:
     target, job_path = argv
     with open(job_path) as f:
         job = json.load(f)
-    # SIGTERM from the launcher ends this rank quietly (the launcher reports why).
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
-    sys.stdout.flush()
-    return run_target(target, job)
+    return run_target(target, job)  # the rank's thread share: ops.rank_threads
 
 
 if __name__ == "__main__":

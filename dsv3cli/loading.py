@@ -12,15 +12,18 @@ model.safetensors) load too; the MTP module is then absent.
 
 from __future__ import annotations
 
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from dsv3_kernels.cpu import enabled as cpu_kernels_enabled
 
-from .checkpoint import Checkpoint
+from . import memory
+from .checkpoint import Checkpoint, human
 from .errors import DsvError
 from .model import Transformer
 from .ops import Runtime
@@ -45,6 +48,7 @@ SHARDING: list[tuple[re.Pattern[str], str]] = [
         (r"", "replicated"),  # norms, q_a_proj, kv_a_proj_with_mqa, router, bias, eh_proj
     ]
 ]
+LAYER = re.compile(r"model\.layers\.(\d+)\.")
 SPLIT_DIM = {"vocab": 0, "col": 0, "row": 1}
 SCALE = "_scale_inv"
 
@@ -84,18 +88,30 @@ def load_model(
     max_seq_len: int = 4096,
     mtp: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    check_memory: bool = True,
 ) -> Transformer:
     """A Transformer with this rank's share of the checkpoint's weights.
 
     `runtime` says where and how to compute (default: `device` and `dtype` with torch's thread
     count and the C kernels unless switched off); `mtp=False` neither builds nor reads the MTP
-    module. `progress(done, total)` is called after each tensor (for a progress bar).
+    module. `progress(done, total)` is called after each tensor (for a progress bar). Unless
+    `check_memory` is False (--force), refuses first when this rank's share, KV cache and scratch
+    exceed the memory it may use (`dsv3cli.memory`).
     """
     if runtime is None:
         runtime = Runtime(torch.device(device), dtype, threads=torch.get_num_threads(), kernels=cpu_kernels_enabled())
     ck = ckpt_path if isinstance(ckpt_path, Checkpoint) else Checkpoint(ckpt_path)
     cfg = ck.config
     N = cfg.num_hidden_layers
+    # Decoder layers are those without an MTP entry (eh_proj): more of them than config.json's
+    # count would be dropped without a word, leaving a truncated model.
+    layers = {int(m.group(1)) for n in ck.names() if (m := LAYER.match(n))}
+    decoder = sorted(i for i in layers if not ck.has(f"model.layers.{i}.eh_proj.weight"))
+    if decoder and decoder[-1] >= N:
+        raise DsvError(
+            f"{ck.path}: the tensors hold decoder layers up to model.layers.{decoder[-1]} but config.json has "
+            f"num_hidden_layers {N}; a model of {N} layers would leave the rest out: fix config.json"
+        )
     # The file, not config.json, decides: transformers drops layer N but keeps num_nextn_predict_layers.
     if cfg.num_nextn_predict_layers > 0 and not ck.has(f"model.layers.{N}.eh_proj.weight"):
         cfg = cfg.replace(num_nextn_predict_layers=0)
@@ -105,7 +121,13 @@ def load_model(
         qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
         cfg = cfg.replace(quantization_config=qc if fp8 else None)
 
-    model = Transformer(cfg, dist, runtime, max_batch_size=max_batch_size, max_seq_len=max_seq_len, mtp=mtp)
+    if check_memory:
+        need = memory.rank_needs(ck, dist, runtime.dtype, max_batch_size, max_seq_len, mtp=mtp)
+        cpu = runtime.device.type == "cpu"
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if cpu else 1  # ranks sharing this RAM
+        memory.preflight(need, memory.available(runtime.device), ranks_here=here, what=f"{ck.path}: ")
+    with _out_of_memory(ck, "allocating the model and its KV cache"):
+        model = Transformer(cfg, dist, runtime, max_batch_size=max_batch_size, max_seq_len=max_seq_len, mtp=mtp)
     if model.mtp is not None:
         model.mtp.add_own_embedding_and_head(
             embedding=ck.has(f"model.layers.{N}.embed_tokens.weight"),
@@ -132,7 +154,7 @@ def load_model(
     # Shard by shard, closing each before the next: safetensors maps files into memory, and the
     # pages read stay resident (and count in RSS) while the file is open.
     plan.sort(key=lambda item: ck.shard_of(item[0]))
-    with torch.no_grad():
+    with torch.no_grad(), _out_of_memory(ck, "reading the weights"):
         for i, (name, t) in enumerate(plan):
             if i and ck.shard_of(name) != ck.shard_of(plan[i - 1][0]):
                 ck.close()
@@ -141,6 +163,34 @@ def load_model(
                 progress(i + 1, len(plan))
     ck.close()
     return model
+
+
+@contextmanager
+def _out_of_memory(ck: Checkpoint, doing: str) -> Iterator[None]:
+    """An allocation that fails (an address-space limit, --force past the preflight, CUDA) as one line."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        text = str(e)
+        if "alloc" not in text.lower() and "out of memory" not in text.lower():
+            raise
+        size = re.search(r"allocate (\d+) bytes", text)
+        what = f"{human(int(size.group(1)))} more could not be had" if size else text.splitlines()[0][-160:]
+        raise DsvError(f"{ck.path}: out of memory while {doing} ({what}); use more ranks (--nproc), FP8 weights, "
+                       "a shorter --max-seq-len or a smaller --batch-size") from None
+
+
+def _check_finite(name: str, t: torch.Tensor, dtype: str) -> None:
+    """FP8 NaN codes (0x7F, 0xFF: E4M3 has no inf) and non-finite scales, named as they are read."""
+    if dtype == F8:
+        nan = int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    elif name.endswith(SCALE):
+        nan = int((~torch.isfinite(t)).sum())
+    else:
+        return
+    if nan:
+        raise DsvError(f"{name}: {nan} NaN value(s) (FP8 code 0x7F/0xFF or a non-finite scale); the checkpoint is "
+                       "damaged: download or convert it again (dsv3 verify --check-values lists every such tensor)")
 
 
 def _read(ck: Checkpoint, name: str, target: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -165,6 +215,7 @@ def _read(ck: Checkpoint, name: str, target: torch.Tensor, dist: Dist) -> torch.
         out = sl[lo:hi] if dim == 0 else sl[:, lo:hi]
         if kind == "vocab" and out.shape[0] < target.shape[0]:
             out = torch.cat([out, out.new_zeros(target.shape[0] - out.shape[0], *out.shape[1:])])
+    _check_finite(name, out, ck.dtype(name))
     if tuple(out.shape) != tuple(target.shape):
         raise DsvError(
             f"{name}: shape {list(ck.shape(name))} does not match the config (this rank expects "

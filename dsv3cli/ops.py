@@ -118,8 +118,11 @@ class Runtime:
 
 
 def rank_threads() -> int:
-    """This process's share of the machine's cores: all of them, or an equal part of them when
-    a launcher started several processes here (LOCAL_WORLD_SIZE, as torchrun sets it)."""
+    """This process's share of the machine's cores: OMP_NUM_THREADS when the user set it, else
+    all of them, or an equal part of them when a launcher started several processes here
+    (LOCAL_WORLD_SIZE, as torchrun sets it): N ranks each using every core thrash."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, cpu_build.default_workers() // max(1, local))
 

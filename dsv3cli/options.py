@@ -30,3 +30,4 @@ TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="HF_TOKEN", h
 PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file: one text per line; a line starting with { or [ is JSON, {\"messages\": [...]} or {\"prompt\": \"...\"} (chat template applied unless --raw).", show_default=False)]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per process for torch's intra-op work (default: torch's choice). 1 is often fastest for small models on a busy machine.")]
 NprocOpt = Annotated[int, typer.Option("--nproc", min=1, help="Processes to launch on this machine (tensor + expert parallel); under torchrun leave at 1.")]
+MemoryForceOpt = Annotated[bool, typer.Option("--force", help="Load even when the memory preflight says this rank's share, KV cache and scratch exceed the memory available.")]

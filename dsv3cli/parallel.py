@@ -31,7 +31,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DsvError
+from .errors import DsvError, PeerFailure
 
 BLOCK = 128  # FP8 block size of the hub format (weight_block_size [128, 128])
 
@@ -59,16 +59,37 @@ class Dist:
     group: Any = None
 
 
-def init_distributed(device: str | torch.device = "cpu", timeout_s: float = 300.0) -> Dist:
+TIMEOUT_ENV = "DSV3_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0  # the first collective waits for the slowest rank to load its share of 688 GB
+
+
+def collective_timeout_s() -> float:
+    """Seconds a collective may wait for the other ranks (DSV3_COLLECTIVE_TIMEOUT_S, default 600)."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise DsvError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds above 0, e.g. 600")
+    return value
+
+
+def init_distributed(device: str | torch.device = "cpu", timeout_s: float | None = None) -> Dist:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Returns Dist() when WORLD_SIZE is absent or 1. Multi-node works through torchrun's
-    rendezvous, which sets these variables. `timeout_s` bounds every collective, so a rank that
-    dies makes the others fail (see `peer_failures`) instead of waiting forever.
+    rendezvous, which sets these variables. `timeout_s` (default `collective_timeout_s()`) bounds
+    every collective, so a rank that dies or stalls makes the others fail (see `peer_failures`)
+    instead of waiting forever.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    if timeout_s is None:
+        timeout_s = collective_timeout_s()
     for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
             raise DsvError(f"environment: WORLD_SIZE={world} but {key} is not set; start with torchrun")
@@ -94,9 +115,10 @@ def peer_failures(dist: Dist) -> Iterator[None]:
     except (RuntimeError, tdist.DistBackendError) as e:  # DistBackendError is a RuntimeError
         if dist.world_size <= 1 or not _looks_like_peer_failure(e):
             raise
-        raise DsvError(
+        raise PeerFailure(
             f"rank {dist.rank}: a collective with the other {dist.world_size - 1} process(es) failed "
-            f"(another rank exited or timed out): {_first_line(e)}"
+            f"(another rank exited or made no progress within {TIMEOUT_ENV}): {_first_line(e)}",
+            stalled="timed out" in str(e).lower() or "timeout" in str(e).lower(),
         ) from e
 
 

@@ -143,8 +143,8 @@ def check_tokens(token_lists: Sequence[Sequence[int]], vocab_size: int, source: 
         raise DsvError(f"{source}: no tokens to profile; give at least one non-empty prompt")
     for i, toks in enumerate(token_lists):
         bad = [t for t in toks if not 0 <= int(t) < vocab_size]
-        if bad:
-            raise DsvError(f"{source}: prompt {i + 1} has token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
+        if bad:  # an option's value, as in generate: a usage error
+            raise UsageError(f"{source}: prompt {i + 1} has token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
                            "use ids from this checkpoint's tokenizer")
 
 
@@ -513,6 +513,8 @@ def default_gpus(n_experts: int, redundant: int) -> int:
 
 def check_out_dir(out: Path) -> None:
     """Fail before the long run when --out cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise DsvError(f"--out {out}: exists and is not a folder; give a folder (it gets counts.json, plan.json, ...)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out, prefix=".dsv3-probe-")
@@ -618,10 +620,11 @@ class ProfileRequest:
     device: str = "auto"
     out: Path | None = None
     heatmap: bool = True
+    force: bool = False  # skip the memory preflight
 
 
 def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[[int], None]] | None = None,
-                dist: Any = None) -> dict[str, Any] | None:
+                dist: Any = None, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """Load, route the prompts, and return the summary document (rank 0; None on other ranks).
 
     `progress(description, total)` returns an `advance(n)` callable (the command draws a bar).
@@ -675,8 +678,11 @@ def run_profile(req: ProfileRequest, *, progress: Callable[[str, int], Callable[
     device = resolve_device(req.device)
     dtype = compute_dtype(ck, req.dtype)
     max_len = max(len(t) for t in token_lists) + req.generate
+    if warn is not None and (warning := cfg.past_context(max_len, f"the longest prompt + --generate {req.generate}")):
+        warn(warning)
     batch = min(req.batch_size, len(token_lists))
-    model = load_model(ck, dist, dtype=dtype, device=device, max_batch_size=batch, max_seq_len=max(max_len, 16), mtp=False)
+    model = load_model(ck, dist, dtype=dtype, device=device, max_batch_size=batch, max_seq_len=max(max_len, 16), mtp=False,
+                       check_memory=not req.force)
     extra: dict[str, Any] = {"source": source}
     if req.generate:
         from .generation import generate

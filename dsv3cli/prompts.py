@@ -22,6 +22,8 @@ def read_prompts_file(path: Path, option: str = "--prompts") -> list[Messages]:
     """The chat messages of each prompt in a text or JSONL file (blank lines skipped): a line
     starting with { or [ is JSON, {"messages": [...]}, a bare list of messages, or
     {"prompt"/"text": "..."}; any other line is one user message as it is."""
+    if path.is_dir():
+        raise DsvError(f"{option} {path}: a folder; give a prompts file (text lines or JSONL)")
     if not path.is_file():
         raise DsvError(f"{option} {path}: no such file")
     try:

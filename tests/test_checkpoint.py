@@ -136,3 +136,18 @@ def test_nonfinite_bit_count_matches_torch(dtype):
     want = int((~torch.isfinite(t.float())).sum())
     assert want > 0 and _count_nonfinite(t, dtype) == want
     assert _count_nonfinite(torch.ones(5, dtype=tdt), dtype) == 0
+
+
+def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path):
+    """A full disk (ENOSPC carries no file name) while writing through atomic_output."""
+    import errno
+
+    from dsv3cli.checkpoint import atomic_output
+    from dsv3cli.errors import DsvError
+
+    target = tmp_path / "counts.json"
+    with pytest.raises(DsvError, match="counts.json: could not write it"):
+        with atomic_output(target) as tmp:
+            tmp.write_text("{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []

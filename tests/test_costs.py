@@ -310,8 +310,13 @@ def test_cli_bad_config_files(tmp_path):
     other.write_text(json.dumps({**good, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps({k: v for k, v in good.items() if k not in ("kv_lora_rank", "vocab_size")}))
-    for path, words in ((other, ["llama"]), (missing, ["kv_lora_rank", "vocab_size"]),
-                        (tmp_path / "nope.json", ["nope.json"])):
+    cases = [(other, ["llama"]), (missing, ["kv_lora_rank", "vocab_size"]), (tmp_path / "nope.json", ["nope.json"])]
+    for key, value in (("num_attention_heads", 0), ("hidden_size", "big"), ("num_hidden_layers", 2.5),
+                       ("n_routed_experts", -1), ("rms_norm_eps", "tiny")):
+        bad = tmp_path / f"{key}.json"
+        bad.write_text(json.dumps({**good, key: value}))
+        cases.append((bad, [f"{key}.json", key, json.dumps(value)]))
+    for path, words in cases:
         r = runner.invoke(app, ["estimate-cost", "--config", str(path)])
         assert r.exit_code == 1, r.output
         err = r.stderr.strip()

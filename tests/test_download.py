@@ -47,7 +47,6 @@ def fake_hub(tiny_fp8):
 def env(fake_hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("DSV3_FAKE_FREE_BYTES", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
     fake_hub.clear_faults()
     with fake_hub.lock:
@@ -125,6 +124,23 @@ def test_full_download_is_byte_identical_then_rerun_skips(env, tiny_fp8, tmp_pat
     again = json.loads(r.stdout)
     assert again["fetched"] == [] and sorted(again["skipped"]) == files_of(tiny_fp8)
     assert env.requests("GET", "/blobs/") == [] and env.requests("HEAD", "/resolve/") == []
+
+    # Changed since verified: same size, other bytes (a later mtime), and a truncated one. The
+    # rerun names each file it fetches again and why.
+    same_size = out / SHARDS[0]
+    data = bytearray(same_size.read_bytes())
+    data[-1] ^= 1
+    same_size.write_bytes(bytes(data))
+    os.utime(same_size, ns=(same_size.stat().st_atime_ns, same_size.stat().st_mtime_ns + 10**9))
+    shorter = out / SHARDS[1]
+    shorter.write_bytes(shorter.read_bytes()[:-7])
+    r = dsv3("download", "--local-dir", out)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert f"fetched again: {SHARDS[0]}: modified since it was verified: its content differs from the hub's" in lines
+    size = (tiny_fp8 / SHARDS[1]).stat().st_size
+    assert f"fetched again: {SHARDS[1]}: {size - 7} bytes on disk, the hub's has {size}" in lines
+    assert_identical(tiny_fp8, out)
 
 
 def test_dry_run_lists_sizes_marks_complete_and_writes_nothing(env, tiny_fp8, tmp_path):
@@ -278,18 +294,23 @@ def test_unreachable_hub(env, tmp_path, monkeypatch):
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
-def test_preflight_refuses_when_the_disk_is_too_small(env, tiny_fp8, tmp_path, monkeypatch):
+def test_preflight_refuses_when_the_disk_is_too_small(env, tiny_fp8, tmp_path):
+    """The real plan against the local hub, with a disk of 999 free bytes (the free-space function
+    is the plan's parameter)."""
     out = tmp_path / "v3"
-    monkeypatch.setenv("DSV3_FAKE_FREE_BYTES", "999")
-    err = one_line_error(dsv3("download", "--local-dir", out), "not enough free disk", "999 B free", "--force")
+    small = lambda path: 999  # noqa: E731
+    plan = hub.plan_download(REPO, out, free_space=small)
+    with pytest.raises(hub.DsvError) as e:
+        plan.preflight(force=False)
     total = sum((tiny_fp8 / n).stat().st_size for n in files_of(tiny_fp8))
-    assert hub.human(total) in err
-    assert not out.exists()
-    assert "would refuse" in dsv3("download", "--local-dir", out, "--dry-run").stdout
+    for w in ("not enough free disk", "999 B free", "--force", hub.human(total)):
+        assert w in str(e.value)
+    assert not out.exists() and not plan.as_dict()["fits"]
     # Only what remains to fetch counts: a 135-byte file fits in 999 bytes.
-    assert dsv3("download", "--local-dir", out, "--include", "generation_config.json").exit_code == 0
-    assert dsv3("download", "--local-dir", out, "--include", "*.json").exit_code == 1
-    assert dsv3("download", "--local-dir", out, "--include", "*.json", "--force").exit_code == 0
+    hub.plan_download(REPO, out, include=["generation_config.json"], free_space=small).preflight(force=False)
+    with pytest.raises(hub.DsvError):
+        hub.plan_download(REPO, out, include=["*.json"], free_space=small).preflight(force=False)
+    hub.download(hub.plan_download(REPO, out, include=["*.json"], free_space=small), force=True)
     assert_identical(tiny_fp8, out, [n for n in files_of(tiny_fp8) if n.endswith(".json")])
 
 

@@ -185,8 +185,8 @@ def test_bad_inputs(hf_ckpt, tmp_path):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n")
     _fails([str(folder), "--prompts", str(blank)], 1, "no prompts")
-    _fails([str(folder), "--prompt-ids", "1,2,512"], 1, "512", "vocabulary")
-    _fails([str(folder), "--prompt-ids", "1,-3"], 1, "-3", "vocabulary")
+    _fails([str(folder), "--prompt-ids", "1,2,512"], 2, "512", "vocabulary")  # as in generate: an option value
+    _fails([str(folder), "--prompt-ids", "1,-3"], 2, "-3", "vocabulary")
     _fails([str(folder), "--prompt-ids", "1,x"], 2, "--prompt-ids")
     _fails([str(folder)], 2, "--prompts")
     _fails([str(folder), "--prompt-ids", "1", "--gpus", "6"], 2, "(n_routed_experts + --redundant) % --gpus != 0")

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from dsv3cli import convert, fp8
 from dsv3cli.app import app
 from dsv3cli.checkpoint import Checkpoint, is_fp8_weight, scale_name, validate
+from dsv3cli.errors import DsvError
 
 runner = CliRunner()
 INDEX = "model.safetensors.index.json"
@@ -209,17 +210,24 @@ def test_c_kernel_and_torch_paths_give_the_same_bytes_and_no_torch_import(tiny_b
         assert p.returncode == 0 and p.stderr.strip().endswith("NO TORCH"), p.stderr
 
 
-def test_resume_after_sigkill_is_byte_identical(tiny_bf16, to_fp8, tmp_path):
-    dst = tmp_path / "killed"
-    total = to_fp8[1]["input_bytes"]
-    env = dict(os.environ, DSV3_QUANTIZE_KILL_AT=str(total // 2))  # a real SIGKILL, mid-shard
-    cmd = [sys.executable, "-m", "dsv3cli.app", "quantize", str(tiny_bf16), str(dst), "--device", "cpu"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+def _killed_halfway(src: Path, dst: Path) -> list[str]:
+    """Convert src to FP8 in a process that gets a real SIGKILL mid-shard (its own progress
+    callback sends it once half the input is done); returns the shards it finished."""
+    code = ("import os, signal, sys\nfrom dsv3cli.convert import convert_checkpoint\n"
+            "def progress(done, total):\n    if done >= total // 2:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "convert_checkpoint(sys.argv[1], sys.argv[2], device='cpu', progress=progress)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True, timeout=300)
     assert p.returncode == -9, p.stderr
     assert not (dst / INDEX).exists()  # nothing looks complete
     assert list(dst.glob(".*.tmp*"))  # the killed shard's temporary file is still there
     done = sorted(json.loads((dst / convert.MANIFEST_NAME).read_text())["shards"])
     assert 1 <= len(done) < 3  # some shards finished, some not
+    return done
+
+
+def test_resume_after_sigkill_is_byte_identical(tiny_bf16, to_fp8, tmp_path):
+    dst = tmp_path / "killed"
+    done = _killed_halfway(tiny_bf16, dst)
     damaged = tmp_path / "damaged"
     shutil.copytree(dst, damaged)
     r = _run(tiny_bf16, dst)
@@ -235,6 +243,25 @@ def test_resume_after_sigkill_is_byte_identical(tiny_bf16, to_fp8, tmp_path):
     r = _run(tiny_bf16, damaged, "--resume", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["shards_skipped"] == len(done) - 1
     assert _files(damaged) == _files(to_fp8[0])
+
+
+def test_resume_redoes_a_shard_whose_source_data_changed(tiny_bf16, tmp_path):
+    """`cp -p` / `rsync -a` / `touch -r`: same size, header and mtime, other data. Resume checks the
+    checksum recorded when the shard was converted, so the result is a conversion of the new data."""
+    src = _copy(tiny_bf16, tmp_path / "src", real=[p.name for p in tiny_bf16.glob("*.safetensors")])
+    dst = tmp_path / "dst"
+    done = _killed_halfway(src, dst)
+    shard = src / done[0]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-2] ^= 0x01  # the lowest mantissa bit of the last BF16 value
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = _run(src, dst, "--resume", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["shards_skipped"] == len(done) - 1
+    assert _run(src, tmp_path / "fresh").exit_code == 0
+    assert _files(dst) == _files(tmp_path / "fresh")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="needs CUDA")
@@ -356,15 +383,16 @@ def test_dst_problems(tiny_bf16, tmp_path):
 
 
 def test_not_enough_disk(tiny_bf16, tmp_path):
-    line = _fail([tiny_bf16, tmp_path / "d"], env={"DSV3_FAKE_FREE_BYTES": "1000"})
-    assert "needs" in line and "free" in line and "1000 bytes" in line
+    """A disk with 1000 free bytes (the free-space function is the conversion's parameter)."""
+    with pytest.raises(DsvError) as e:
+        convert.convert_checkpoint(tiny_bf16, tmp_path / "d", free_space=lambda path: 1000)
+    line = str(e.value)
+    assert "needs" in line and "free" in line and "1000 bytes" in line and str(tmp_path / "d") in line
     assert not any((tmp_path / "d").iterdir())  # checked before writing anything
 
 
-def test_free_bytes_seam(tmp_path, monkeypatch):
+def test_free_bytes_of_a_folder_not_made_yet(tmp_path):
     assert convert.free_bytes(tmp_path / "not" / "yet") > 0  # the nearest existing parent's file system
-    monkeypatch.setenv("DSV3_FAKE_FREE_BYTES", "12345")
-    assert convert.free_bytes(tmp_path) == 12345
 
 
 def test_other_architecture(tiny_bf16, tmp_path):
@@ -451,3 +479,47 @@ def test_transformers_checkpoint_quantized_by_dsv3_loads_back(tmp_path):
     rel = ((a - b).norm() / a.norm()).item()
     print(f"transformers logits relative error after dsv3 FP8: {rel:.3e}")
     assert 0 < rel < 0.1
+
+
+def test_inconsistent_sources_are_refused_before_writing(tiny_bf16, tmp_path):
+    """A tensor the index does not list (it would be dropped), a config.json whose hidden_size
+    disagrees with the tensors, an FP8 quantization_config over BF16 tensors: verify's checks run
+    first, and DST stays empty."""
+    index = json.loads((tiny_bf16 / INDEX).read_text())
+    name = "model.layers.1.mlp.gate.weight"
+    unlisted = _copy(tiny_bf16, tmp_path / "unlisted")
+    del index["weight_map"][name]
+    (unlisted / INDEX).write_text(json.dumps(index))
+    cfg = json.loads((tiny_bf16 / "config.json").read_text())
+    wide = _copy(tiny_bf16, tmp_path / "wide")
+    (wide / "config.json").write_text(json.dumps(dict(cfg, hidden_size=cfg["hidden_size"] * 2)))
+    says_fp8 = _copy(tiny_bf16, tmp_path / "says_fp8")
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (says_fp8 / "config.json").write_text(json.dumps(dict(cfg, quantization_config=qc)))
+    for src, words in ((unlisted, [name, "not in"]), (wide, ["shape", "config.json"]),
+                       (says_fp8, ["quantization_config", "F8_E4M3"])):
+        dst = tmp_path / f"{src.name}-out"
+        line = _fail([src, dst])
+        assert all(w in line for w in words), line
+        assert not dst.exists() or not any(dst.iterdir()), list(dst.iterdir())
+
+
+def test_known_buffers_are_carried_and_verified(tiny_bf16, tmp_path):
+    """Kimi-K2 stores self_attn.rotary_emb.inv_freq per layer: verify warns, quantize carries it,
+    generate loads the model without it."""
+    src = _copy(tiny_bf16, tmp_path / "kimi", real=["model-00001-of-00003.safetensors"])
+    shard = src / "model-00001-of-00003.safetensors"
+    ts = load_file(shard)
+    buf = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    ts[buf] = torch.arange(4, dtype=torch.float32)
+    save_file(ts, shard, metadata={"format": "pt"})
+    index = json.loads((src / INDEX).read_text())
+    index["weight_map"][buf] = shard.name
+    (src / INDEX).write_text(json.dumps(index))
+    rep = validate(src)
+    assert rep.ok, rep.problems
+    assert any("inv_freq" in w for w in rep.warnings)
+    assert _run(src, tmp_path / "q").exit_code == 0
+    assert Checkpoint(tmp_path / "q").has(buf)
+    r = runner.invoke(app, ["generate", str(src), "--prompt-ids", "1,2", "--dtype", "float32", "-n", "2", "--max-seq-len", "16"])
+    assert r.exit_code == 0, r.output

@@ -112,6 +112,8 @@ def _render_result(result: hub.DownloadResult, as_json: bool) -> None:
     plan, st = result.plan, result.stats
     rate = st.bytes / result.seconds if result.seconds > 0 else 0.0
     print(f"{plan.snapshot.repo_id} @ {plan.snapshot.commit[:12]} -> {plan.local_dir}")
+    for path, why in sorted(st.refetched.items()):
+        print(f"fetched again: {path}: {why}")
     print(f"fetched {len(st.fetched)} file(s), {hub.human(st.bytes)} in {result.seconds:.1f} s "
           f"({hub.human(rate)}/s); {len(st.skipped)} already complete")
     if result.verify is not None:

@@ -31,11 +31,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import DsvError, UsageError
-from ..options import Device, DeviceOpt, DType, DTypeOpt, JsonOpt, NprocOpt, PromptsOpt, SeedOpt, ThreadsOpt
+from ..options import Device, DeviceOpt, DType, DTypeOpt, JsonOpt, MemoryForceOpt, NprocOpt, PromptsOpt, SeedOpt, ThreadsOpt
 
 NAME = "generate"
 NO_ARGS_IS_HELP = True
-DIE_ENV = "DSV3_TEST_DIE_RANK"  # test hook: this rank exits right after loading the model
 
 
 def command(
@@ -59,6 +58,7 @@ def command(
     mtp: Annotated[Optional[int], typer.Option("--mtp", min=0, help="Draft tokens per step with the MTP layer (default 1 when the checkpoint has one; 0 = off).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="In a chat, a stats line (speed, MTP acceptance) after each reply.")] = False,
     json_out: JsonOpt = False,
+    force: MemoryForceOpt = False,
 ) -> None:
     from ..generation import Sampling
     from ..launch import launch, under_launcher
@@ -67,12 +67,19 @@ def command(
         "ckpt": str(ckpt), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
         "top_k": top_k, "seed": seed, "max_seq_len": max_seq_len, "batch_size": batch_size,
         "dtype": dtype.value, "device": device.value, "mtp": mtp, "json": json_out, "raw": raw,
-        "threads": threads, "verbose": verbose,
+        "threads": threads, "verbose": verbose, "force": force,
         # Generated text on a terminal shows control bytes escaped; --raw or a pipe passes them.
         "escape": sys.stdout.isatty() and not raw,
     }
     Sampling(temperature, top_k, top_p).check()
     cfg = _config(ckpt)
+    if mtp:  # before any process starts: every rank would meet it
+        from ..checkpoint import Checkpoint
+
+        if not Checkpoint(ckpt).has_mtp:
+            raise UsageError(f"--mtp {mtp}: {ckpt} has no MTP layer (layer {cfg.num_hidden_layers}); use --mtp 0")
+    if warning := cfg.past_context(max_seq_len, f"--max-seq-len {max_seq_len}"):
+        print(f"warning: {warning}", file=sys.stderr)
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() else nproc
     if under_launcher() and nproc not in (1, world):
         raise UsageError(f"--nproc {nproc}: this process runs under torchrun with WORLD_SIZE={world}; leave --nproc at 1")
@@ -163,10 +170,8 @@ def run_rank(job: dict[str, Any]) -> None:
     with peer_failures(dist):
         t0 = time.perf_counter()
         model = load_model(ckpt, dist, runtime=runtime, max_batch_size=batch, max_seq_len=job["max_seq_len"],
-                           mtp=job["mtp"] != 0)
+                           mtp=job["mtp"] != 0, check_memory=not job["force"])
         load_s = time.perf_counter() - t0
-        if os.environ.get(DIE_ENV) == str(dist.rank):
-            os._exit(3)
         mtp = job["mtp"] if job["mtp"] is not None else (1 if model.has_mtp else 0)
         if mtp and not model.has_mtp:
             raise UsageError(f"--mtp {mtp}: {ckpt} has no MTP layer (layer {model.cfg.num_hidden_layers}); use --mtp 0")

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UsageError
-from ..options import DeviceOpt, DType, DTypeOpt, Device, JsonOpt, NprocOpt, PromptsOpt
+from ..options import DeviceOpt, DType, DTypeOpt, Device, JsonOpt, MemoryForceOpt, NprocOpt, PromptsOpt
 
 NAME = "profile-experts"
 NO_ARGS_IS_HELP = True
@@ -46,6 +46,7 @@ def command(
     device: DeviceOpt = Device.auto,
     nproc: NprocOpt = 1,
     json_out: JsonOpt = False,
+    force: MemoryForceOpt = False,
 ) -> None:
     from ..prompts import parse_prompt_ids
 
@@ -55,6 +56,7 @@ def command(
         "compare_bias": compare_bias, "gpus": gpus, "nodes": nodes, "redundant": redundant,
         "batch_size": batch_size, "dtype": dtype.value, "device": device.value,
         "out": str(out) if out else None, "heatmap": not no_heatmap, "json": json_out,
+        "force": force,
     }
     from ..launch import launch, under_launcher
 
@@ -79,7 +81,8 @@ def run_rank(job: dict[str, Any]) -> None:
     req = ProfileRequest(**fields)
     dist = init_distributed(resolve_device(req.device)) if _distributed() else Dist()
     with peer_failures(dist), _progress(enabled=dist.rank == 0) as bar:
-        doc = run_profile(req, progress=bar, dist=dist)
+        doc = run_profile(req, progress=bar, dist=dist,
+                          warn=lambda w: print(f"warning: {w}", file=sys.stderr) if dist.rank == 0 else None)
         leave(dist)
     if doc is None:
         return
