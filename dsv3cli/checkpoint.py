@@ -364,6 +364,26 @@ class Checkpoint:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise DsvError(f"{shard}: cannot read {name} ({e})") from e
 
+    def read_into(self, name: str, out) -> None:
+        """Read a whole tensor's bytes straight into `out` (a contiguous CPU tensor of its size):
+        plain reads, not a memory map, so the file's pages never count in this process's RSS and
+        a large shard does not sit in memory beside the model being filled."""
+        import torch  # here only: the rest of this module works without torch
+
+        info = self.info(name)
+        shard = self.weight_map[name]
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        if len(buf) != info.nbytes:
+            raise DsvError(f"{shard}: {name} has {info.nbytes} bytes, the model expects {len(buf)}")
+        with open(self.path / shard, "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little") + info.start
+            done = 0
+            while done < len(buf):  # one read returns at most ~2 GB on Linux
+                n = os.preadv(f.fileno(), [buf[done:]], start + done)
+                if n <= 0:
+                    raise DsvError(f"{shard}: ends inside {name} (truncated?); download it again")
+                done += n
+
     def close(self) -> None:
         self._handles.clear()
 

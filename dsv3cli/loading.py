@@ -151,14 +151,19 @@ def load_model(
             f"{ck.path}: missing tensors {', '.join(missing[:5])}{more}; the checkpoint is incomplete "
             "or not of this config (run dsv3 verify)"
         )
-    # Shard by shard, closing each before the next: safetensors maps files into memory, and the
-    # pages read stay resident (and count in RSS) while the file is open.
+    # Whole tensors stored as the model holds them are read straight into their parameters; the
+    # rest goes through safetensors, shard by shard, closing each before the next: it maps files
+    # into memory, and the pages read stay resident (and count in RSS) while the file is open.
     plan.sort(key=lambda item: ck.shard_of(item[0]))
     with torch.no_grad(), _out_of_memory(ck, "reading the weights"):
         for i, (name, t) in enumerate(plan):
             if i and ck.shard_of(name) != ck.shard_of(plan[i - 1][0]):
                 ck.close()
-            t.copy_(_read(ck, name, t, dist).to(device=t.device, dtype=t.dtype))
+            if _whole_in_place(ck, name, t, dist):
+                ck.read_into(name, t)
+                _check_finite(name, t, ck.dtype(name))
+            else:
+                t.copy_(_read(ck, name, t, dist).to(device=t.device, dtype=t.dtype))
             if progress is not None:
                 progress(i + 1, len(plan))
     ck.close()
@@ -191,6 +196,16 @@ def _check_finite(name: str, t: torch.Tensor, dtype: str) -> None:
     if nan:
         raise DsvError(f"{name}: {nan} NaN value(s) (FP8 code 0x7F/0xFF or a non-finite scale); the checkpoint is "
                        "damaged: download or convert it again (dsv3 verify --check-values lists every such tensor)")
+
+
+_STORED = {"BF16": torch.bfloat16, "F32": torch.float32, F8: torch.float8_e4m3fn, "F16": torch.float16}
+
+
+def _whole_in_place(ck: Checkpoint, name: str, target: torch.Tensor, dist: Dist) -> bool:
+    """Whether `name` is this rank's whole `target` byte for byte (no split, no conversion)."""
+    split = shard_kind(name.removesuffix(SCALE)) in SPLIT_DIM and dist.world_size > 1
+    return (not split and target.is_cpu and target.is_contiguous() and _STORED.get(ck.dtype(name)) == target.dtype
+            and tuple(ck.shape(name)) == tuple(target.shape))
 
 
 def _read(ck: Checkpoint, name: str, target: torch.Tensor, dist: Dist) -> torch.Tensor:
