@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import ModelConfig
+from .fp8_format import BLOCK, F8, SCALE_SUFFIX
 from .errors import DsvError
 from .render import plural
 
@@ -30,11 +31,9 @@ _FP8_WEIGHT = re.compile(
     r"(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
     r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$"
 )
-SCALE_SUFFIX = "_scale_inv"
 # Buffers some checkpoints carry that are not weights (Kimi-K2's rotary frequencies, recomputed
 # from the config): accepted everywhere, never loaded.
 KNOWN_BUFFERS = re.compile(r"\.rotary_emb\.inv_freq$")
-BLOCK = 128  # the hub's weight_block_size
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -47,7 +46,7 @@ DTYPE_BITS = {
     "I32": 32, "U32": 32, "F32": 32,
     "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4,
 }
-FLOAT_DTYPES = ("F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64")
+FLOAT_DTYPES = (F8, "F8_E5M2", "F16", "BF16", "F32", "F64")
 
 
 def is_fp8_weight(name: str) -> bool:
@@ -494,7 +493,7 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
             rep.warnings.append(f"{INDEX_NAME}: metadata.total_size is {ts} but the tensors hold {total} bytes")
 
     # FP8 weights and their scales.
-    fp8_weights = [n for n, t in infos.items() if t.dtype == "F8_E4M3"]
+    fp8_weights = [n for n, t in infos.items() if t.dtype == F8]
     for n in fp8_weights:
         t = infos[n]
         if len(t.shape) != 2:
@@ -515,7 +514,7 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
     for n in infos:
         if n.endswith(SCALE_SUFFIX):
             w = n[: -len(SCALE_SUFFIX)]
-            if w in infos and infos[w].dtype != "F8_E4M3":
+            if w in infos and infos[w].dtype != F8:
                 P(f"{where[n]}: {n} is a scale but {w} is {infos[w].dtype}, not F8_E4M3")
             elif w not in infos and not (weight_map and w in weight_map):
                 P(f"{where[n]}: {n} is a scale without its weight {w}")
@@ -548,7 +547,7 @@ def validate(path: str | Path, check_values: bool = False, progress: Any = None)
         if wrong_fp8:
             P(f"{_examples(wrong_fp8)}: F8_E4M3 but the hub keeps these in BF16")
         linear = [n for n in infos if is_fp8_weight(n)]
-        not_fp8 = sorted(n for n in linear if infos[n].dtype != "F8_E4M3")
+        not_fp8 = sorted(n for n in linear if infos[n].dtype != F8)
         if cfg.is_fp8 and not_fp8:
             P(
                 f"config.json: quantization_config says fp8 but {len(not_fp8)} of {len(linear)} linear weights are not "
@@ -596,7 +595,7 @@ _NONFINITE_BITS = {
     "BF16": ("int16", 0x7F80, 0x7F80),
     "F16": ("int16", 0x7C00, 0x7C00),
     "F64": ("int64", 0x7FF0000000000000, 0x7FF0000000000000),
-    "F8_E4M3": ("int8", 0x7F, 0x7F),  # e4m3fn has no Inf; NaN is S.1111.111
+    F8: ("int8", 0x7F, 0x7F),  # e4m3fn has no Inf; NaN is S.1111.111
     "F8_E5M2": ("int8", 0x7C, 0x7C),
 }
 

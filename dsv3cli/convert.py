@@ -24,13 +24,7 @@ from typing import Callable
 from dsv3_kernels.cpu import default as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
 
 from .checkpoint import free_bytes, human, not_a_folder
-
-BLOCK = 128  # as dsv3cli.fp8.BLOCK (not imported from there: that would import torch)
-SCALE_FMTS = ("e4m3", "ue8m0")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from .fp8_format import BLOCK, F8, SCALE_FMTS, SCALE_SUFFIX, cdiv
 
 
 def _resolve_device(device: str) -> str:
@@ -49,7 +43,7 @@ def _resolve_device(device: str) -> str:
 
 MANIFEST_NAME = ".dsv3-quantize.json"  # progress of an unfinished conversion; removed at the end
 _MANIFEST_VERSION = 2
-_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}  # the dtypes this module computes with
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, F8: 1}  # the dtypes this module computes with
 _SHARD_METADATA = {"format": "pt"}
 
 
@@ -90,13 +84,13 @@ def _plan(ckpt, to: str, scale_fmt: str):
     for name in sorted(ckpt.names()):
         info = ckpt.info(name)  # reads the shard's header: missing / truncated / LFS / corrupt / absent tensor
         shard = ckpt.weight_map[name]
-        if name.endswith("_scale_inv"):
+        if name.endswith(SCALE_SUFFIX):
             continue  # handled with its weight
-        if info.dtype == "F8_E4M3":
+        if info.dtype == F8:
             sname = scale_name(name)
             if not ckpt.has(sname):
                 raise DsvError(f"{shard}: FP8 weight {name} has no {sname}; the checkpoint is incomplete, download it again")
-            want = (_cdiv(info.shape[0], BLOCK), _cdiv(info.shape[1], BLOCK)) if len(info.shape) == 2 else None
+            want = (cdiv(info.shape[0], BLOCK), cdiv(info.shape[1], BLOCK)) if len(info.shape) == 2 else None
             sinfo = ckpt.info(sname)
             if want is None or tuple(sinfo.shape) != want or sinfo.dtype != "F32":
                 raise DsvError(
@@ -109,8 +103,8 @@ def _plan(ckpt, to: str, scale_fmt: str):
         elif to == "fp8" and is_fp8_weight(name):
             if info.dtype not in ("BF16", "F16", "F32") or len(info.shape) != 2:
                 raise DsvError(f"{shard}: {name} is {info.dtype}{list(info.shape)}; expected a 2-D BF16/F16/F32 weight to quantize")
-            plan[shard].append(_Entry(name, name, "quant", "F8_E4M3", info.shape, info.nbytes))
-            plan[shard].append(_Entry(scale_name(name), name, "scale", "F32", (_cdiv(info.shape[0], BLOCK), _cdiv(info.shape[1], BLOCK)), 0))
+            plan[shard].append(_Entry(name, name, "quant", F8, info.shape, info.nbytes))
+            plan[shard].append(_Entry(scale_name(name), name, "scale", "F32", (cdiv(info.shape[0], BLOCK), cdiv(info.shape[1], BLOCK)), 0))
         else:
             if info.dtype not in _ITEMSIZE and info.dtype not in ("I64", "I32", "I8", "U8", "BOOL", "F64", "I16"):
                 raise DsvError(f"{shard}: {name} has dtype {info.dtype}, which dsv3 quantize does not handle")
@@ -118,11 +112,11 @@ def _plan(ckpt, to: str, scale_fmt: str):
             e.nbytes = info.nbytes
             plan[shard].append(e)
     for name in ckpt.names():  # a scale whose weight is not FP8 (or missing) would be dropped silently
-        if name.endswith("_scale_inv"):
-            w = name[: -len("_scale_inv")]
+        if name.endswith(SCALE_SUFFIX):
+            w = name[: -len(SCALE_SUFFIX)]
             if not ckpt.has(w):
                 raise DsvError(f"{ckpt.weight_map[name]}: {name} has no weight {w}; the checkpoint is corrupt")
-            if to == "fp8" and ckpt.info(w).dtype != "F8_E4M3":
+            if to == "fp8" and ckpt.info(w).dtype != F8:
                 raise DsvError(f"{ckpt.weight_map[name]}: {name} belongs to a {ckpt.info(w).dtype} weight; the checkpoint mixes formats")
     for entries in plan.values():
         entries.sort(key=lambda e: e.name)
@@ -130,7 +124,7 @@ def _plan(ckpt, to: str, scale_fmt: str):
 
 
 def _source_format(ckpt) -> str:
-    if ckpt.config.is_fp8 or any(n.endswith("_scale_inv") for n in ckpt.names()):
+    if ckpt.config.is_fp8 or any(n.endswith(SCALE_SUFFIX) for n in ckpt.names()):
         return "fp8"
     return "bf16"
 
@@ -222,7 +216,7 @@ def _tensor(buf: bytearray, dtype: str, shape):
     """buf's first bytes as a torch tensor (sharing the memory): the torch paths' view."""
     import torch
 
-    dt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn}[dtype]
+    dt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, F8: torch.float8_e4m3fn}[dtype]
     n = math.prod(shape) * _ITEMSIZE[dtype]
     return torch.frombuffer(buf, dtype=torch.uint8, count=n).view(dt).view(shape) if n else torch.empty(shape, dtype=dt)
 
@@ -293,23 +287,23 @@ def _produce(ckpt, src: _Source, e: _Entry, buf: bytearray, in_buf: bytearray, d
     rows, cols = e.shape
     if e.kind == "quant":
         if kern is not None and in_dtype in ("BF16", "F32"):
-            s_buf = bytearray(max(_cdiv(rows, BLOCK) * _cdiv(cols, BLOCK) * 4, 1))
+            s_buf = bytearray(max(cdiv(rows, BLOCK) * cdiv(cols, BLOCK) * 4, 1))
             bad = kern.quantize(_addr(in_buf), _addr(buf), _addr(s_buf), rows, cols, in_f32=in_dtype == "F32",
                                 ue8m0=scale_fmt == "ue8m0", workers=workers)
-            s, finite = bytes(s_buf[: _cdiv(rows, BLOCK) * _cdiv(cols, BLOCK) * 4]), bad == 0
+            s, finite = bytes(s_buf[: cdiv(rows, BLOCK) * cdiv(cols, BLOCK) * 4]), bad == 0
         else:
             w = _tensor(in_buf, in_dtype, e.shape)
             s, finite = _quant_torch(w, _tensor(buf, e.dtype, e.shape), device, scale_fmt, workers)
         if not finite:  # NaN/Inf anywhere in a block makes its scale non-finite
             raise DsvError(f"{src.shard}: {e.src} contains NaN or Inf; fix the source weights before quantizing")
-        pending[e.name + "_scale_inv"] = s
+        pending[e.name + SCALE_SUFFIX] = s
         return e.nbytes
-    s_buf = _read_scale(ckpt, src, e.src + "_scale_inv")
+    s_buf = _read_scale(ckpt, src, e.src + SCALE_SUFFIX)
     if kern is not None:
         kern.dequantize(_addr(in_buf), _addr(s_buf), _addr(buf), rows, cols, workers=workers)
     else:
-        s = _tensor(s_buf, "F32", (_cdiv(rows, BLOCK), _cdiv(cols, BLOCK)))
-        _dequant_torch(_tensor(in_buf, "F8_E4M3", e.shape), s, _tensor(buf, e.dtype, e.shape), device, workers)
+        s = _tensor(s_buf, "F32", (cdiv(rows, BLOCK), cdiv(cols, BLOCK)))
+        _dequant_torch(_tensor(in_buf, F8, e.shape), s, _tensor(buf, e.dtype, e.shape), device, workers)
     return e.nbytes
 
 
@@ -599,7 +593,7 @@ def convert_checkpoint(
         "shards": len(plan),
         "shards_skipped": len(skip),
         "tensors": len(weight_map),
-        "fp8_weights": sum(1 for entries in plan.values() for e in entries if e.dtype == "F8_E4M3"),
+        "fp8_weights": sum(1 for entries in plan.values() for e in entries if e.dtype == F8),
         "input_bytes": total_in,
         "total_size": total_size,
         "seconds": round(time.perf_counter() - t0, 3),

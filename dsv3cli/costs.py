@@ -31,7 +31,7 @@ from .config import ModelConfig, load_preset
 from .errors import DsvError, UsageError
 from .render import plural
 
-BLOCK = 128  # FP8 weight scales cover 128x128 blocks
+from .fp8_format import BLOCK  # FP8 weight scales cover 128x128 blocks
 HBM_USABLE = 0.90  # share of HBM left for weights + KV after activations, workspace, fragmentation
 GQA_KV_HEADS = 8  # the GQA baseline: 8 KV heads (Llama-3-70B's choice) with the model's head dims
 DEFAULT_CONTEXT = 4096

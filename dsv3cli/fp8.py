@@ -31,10 +31,10 @@ import torch
 from dsv3_kernels.cpu import default as load_c_kernels  # None when off (DSV3_CPU_KERNEL=0) or unbuildable
 from dsv3_kernels.cpu import default_workers
 
+from .fp8_format import BLOCK, SCALE_FMTS, cdiv
+
 FP8_MAX = 448.0
-BLOCK = 128
 AMAX_FLOOR = 1e-4  # the official kernel's floor: keeps an all-zero block from dividing by zero
-SCALE_FMTS = ("e4m3", "ue8m0")
 
 _FP8 = torch.float8_e4m3fn
 # Elements per work chunk (at most 128 rows). Measured on a 2-core EPYC: per-op dispatch costs
@@ -47,10 +47,6 @@ _PARALLEL_MIN = 1 << 21  # below this many elements one thread is faster than a 
 def _check_fmt(scale_fmt: str) -> None:
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------- float64 references
@@ -90,7 +86,7 @@ def _quantize_ref(w: torch.Tensor, br: int, bc: int, scale_fmt: str) -> tuple[to
     _check_fmt(scale_fmt)
     o, i = w.shape
     x = w.to(torch.float64)
-    nr, nc = _cdiv(o, br), _cdiv(i, bc)
+    nr, nc = cdiv(o, br), cdiv(i, bc)
     pad = torch.zeros(nr * br, nc * bc, dtype=torch.float64)  # zeros never change an amax
     pad[:o, :i] = x.abs()
     amax = pad.view(nr, br, nc, bc).amax(dim=(1, 3))  # [nr, nc]
@@ -220,7 +216,7 @@ def _quantize_c(kern, w: torch.Tensor, br: int, scale_fmt: str, workers: int | N
     """`_quantize_fast` by the C kernel, for contiguous bfloat16/float32 `w` [o, i] on the CPU."""
     o, i = w.shape
     q = torch.empty(o, i, dtype=_FP8) if out is None else out
-    s = torch.empty(_cdiv(o, br), _cdiv(i, BLOCK), dtype=torch.float32)
+    s = torch.empty(cdiv(o, br), cdiv(i, BLOCK), dtype=torch.float32)
     if o * i:
         kern.quantize(w.data_ptr(), q.data_ptr(), s.data_ptr(), o, i, br=br, in_f32=w.dtype == torch.float32,
                       ue8m0=scale_fmt == "ue8m0", workers=workers)
@@ -245,7 +241,7 @@ def _block_amax(x: torch.Tensor, br: int, nc: int) -> torch.Tensor:
         parts.append(mag[:, full:].amax(dim=1, keepdim=True))  # the ragged last block
     m = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [r, nc]
     if br > 1:
-        nr = _cdiv(r, br)
+        nr = cdiv(r, br)
         if r % br:
             m = torch.cat([m, torch.zeros(nr * br - r, nc, dtype=m.dtype)])  # zero bits: 0.0
         m = m.view(nr, br, nc).amax(dim=1)  # [nr, nc]
@@ -260,13 +256,13 @@ def _quantize_fast(
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         w = w.to(torch.float32)
     o, i = w.shape
-    nr, nc = _cdiv(o, br), _cdiv(i, BLOCK)
+    nr, nc = cdiv(o, br), cdiv(i, BLOCK)
     ip = nc * BLOCK
     q = torch.empty(o, i, dtype=_FP8) if out is None else out
     s = torch.empty(nr, nc, dtype=torch.float32)
     # A job is one 128-row block of a weight, or a bunch of rows of activations.
     rows_per_job = br if br > 1 else max(1, _CHUNK // max(ip, 1))
-    njobs = _cdiv(o, rows_per_job)
+    njobs = cdiv(o, rows_per_job)
     if o * i == 0:
         return q, s
 
@@ -353,7 +349,7 @@ def dequantize_weight(
     if q.dim() != 2:
         raise ValueError(f"dequantize_weight expects a 2-D weight, got shape {tuple(q.shape)}")
     o, i = q.shape
-    nr, nc = _cdiv(o, BLOCK), _cdiv(i, BLOCK)
+    nr, nc = cdiv(o, BLOCK), cdiv(i, BLOCK)
     if tuple(s.shape) != (nr, nc):
         raise ValueError(f"scale shape {tuple(s.shape)} does not match weight {tuple(q.shape)}: expected {(nr, nc)}")
     if out is None:
@@ -377,8 +373,8 @@ def dequantize_weight(
         return _dequant_slow(q, s, dtype, out)
     sx_all = s * _BIAS  # exact: a power-of-two multiply without overflow (s < 2**7)
     rows = max(1, min(BLOCK, _CHUNK // max(i, 1)))
-    njobs = nr * _cdiv(BLOCK, rows)
-    per_block = _cdiv(BLOCK, rows)
+    njobs = nr * cdiv(BLOCK, rows)
+    per_block = cdiv(BLOCK, rows)
     def work(jobs: Sequence[int]) -> None:
         t = torch.empty(rows, i, dtype=torch.int32)
         last_b = -1

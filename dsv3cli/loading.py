@@ -25,9 +25,11 @@ from dsv3_kernels.cpu import enabled as cpu_kernels_enabled
 from . import memory
 from .checkpoint import Checkpoint, human
 from .errors import DsvError
+from .fp8_format import BLOCK, F8
+from .fp8_format import SCALE_SUFFIX as SCALE
 from .model import Transformer
 from .ops import Runtime
-from .parallel import BLOCK, Dist, block_cover, split_range
+from .parallel import Dist, block_cover, split_range
 from .parallel import resolve_dtype
 
 # How each tensor is split, by HF name (first match wins). The scale of an FP8 weight follows its
@@ -50,9 +52,7 @@ SHARDING: list[tuple[re.Pattern[str], str]] = [
 ]
 LAYER = re.compile(r"model\.layers\.(\d+)\.")
 SPLIT_DIM = {"vocab": 0, "col": 0, "row": 1}
-SCALE = "_scale_inv"
 
-F8 = "F8_E4M3"
 
 
 def compute_dtype(ck: Checkpoint, requested: str) -> torch.dtype:

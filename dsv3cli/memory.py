@@ -40,7 +40,9 @@ def rank_needs(ck: Checkpoint, dist: Dist, dtype: torch.dtype, max_batch_size: i
     """Bytes this rank holds: its share of each tensor (FP8 codes stay 1 byte, their scales and
     1-D tensors float32, the rest in `dtype`), the latent KV cache of every layer, scratch; the
     MTP module's only with `mtp`."""
-    from .loading import F8, SCALE, shard_kind
+    from .fp8_format import F8
+    from .fp8_format import SCALE_SUFFIX as SCALE
+    from .loading import shard_kind
 
     cfg = ck.config
     skip = tuple(f"model.layers.{i}." for i in mtp_layers(cfg)) if not mtp else ()

@@ -40,6 +40,7 @@ from dsv3_kernels.cpu import run_split
 
 from .errors import DsvError
 from .fp8 import dequantize_weight
+from .fp8_format import BLOCK, cdiv
 
 if TYPE_CHECKING:
     from .model import MLA, MTP, MoE, Gate, Positions
@@ -374,7 +375,7 @@ class CpuOps(TorchOps):
         cut inside a 128 block leaves the weight padded to whole blocks) with 128x128 block scales
         in float32. Otherwise the reference dequantizes it, and DSV3_DEBUG=1 says why (once)."""
         q, s = lin.weight, lin.weight_scale_inv
-        blocks = (-(-q.shape[0] // 128), -(-q.shape[1] // 128))
+        blocks = (cdiv(q.shape[0], BLOCK), cdiv(q.shape[1], BLOCK))
         why = ("a tensor-parallel part not aligned to 128" if not lin.whole else
                f"scales {tuple(s.shape)} are not 128x128 blocks of {tuple(q.shape)}" if tuple(s.shape) != blocks or
                s.dtype != torch.float32 or not (q.is_contiguous() and s.is_contiguous()) else None)

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DsvError, PeerFailure
+from .fp8_format import BLOCK
 
-BLOCK = 128  # FP8 block size of the hub format (weight_block_size [128, 128])
 
 
 def resolve_device(device: str) -> str:

@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3cli.fp8_format import BLOCK, cdiv
+
 FP8_MAX = 448.0
-BLOCK = 128
 AMAX_FLOOR = 1e-4
 
 
@@ -112,10 +113,6 @@ def _fp8_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _ue8m0(scale_fmt: str) -> bool:
     if scale_fmt not in ("e4m3", "ue8m0"):
         raise ValueError(f"scale_fmt must be 'e4m3' or 'ue8m0', got {scale_fmt!r}")
@@ -128,7 +125,7 @@ def weight_quant(w: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch.Tensor
     w = w.contiguous()
     M, N = w.shape
     q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=w.device)
-    s = torch.empty(_cdiv(M, BLOCK), _cdiv(N, BLOCK), dtype=torch.float32, device=w.device)
+    s = torch.empty(cdiv(M, BLOCK), cdiv(N, BLOCK), dtype=torch.float32, device=w.device)
     if M * N:
         _weight_quant_kernel[(s.shape[0], s.shape[1])](w, q, s, M, N, UE8M0=_ue8m0(scale_fmt), BLOCK=BLOCK, num_warps=8)
     return q, s
@@ -136,7 +133,7 @@ def weight_quant(w: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch.Tensor
 
 def weight_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """q float8_e4m3fn [M, N], s float32 [ceil(M/128), ceil(N/128)] -> dtype [M, N]."""
-    assert q.dim() == 2 and s.shape == (_cdiv(q.shape[0], BLOCK), _cdiv(q.shape[1], BLOCK))
+    assert q.dim() == 2 and s.shape == (cdiv(q.shape[0], BLOCK), cdiv(q.shape[1], BLOCK))
     q, s = q.contiguous(), s.to(torch.float32).contiguous()
     M, N = q.shape
     y = torch.empty(M, N, dtype=dtype, device=q.device)
@@ -151,9 +148,9 @@ def act_quant(x: torch.Tensor, scale_fmt: str = "e4m3") -> tuple[torch.Tensor, t
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(*x.shape[:-1], _cdiv(K, BLOCK), dtype=torch.float32, device=x.device)
+    s = torch.empty(*x.shape[:-1], cdiv(K, BLOCK), dtype=torch.float32, device=x.device)
     if rows and K:
-        _act_quant_kernel[(rows, _cdiv(K, BLOCK))](x, q, s, K, UE8M0=_ue8m0(scale_fmt), BLOCK=BLOCK)
+        _act_quant_kernel[(rows, cdiv(K, BLOCK))](x, q, s, K, UE8M0=_ue8m0(scale_fmt), BLOCK=BLOCK)
     return q, s
 
 
@@ -164,8 +161,8 @@ def fp8_gemm(
     accumulated in float32 one 128-wide k block at a time (the block scales applied per block)."""
     K = a_q.shape[-1]
     N = w_q.shape[0]
-    assert w_q.shape[1] == K and a_s.shape[-1] == _cdiv(K, BLOCK)
-    assert w_s.shape == (_cdiv(N, BLOCK), _cdiv(K, BLOCK))
+    assert w_q.shape[1] == K and a_s.shape[-1] == cdiv(K, BLOCK)
+    assert w_s.shape == (cdiv(N, BLOCK), cdiv(K, BLOCK))
     lead = a_q.shape[:-1]
     a = a_q.reshape(-1, K).contiguous()
     a_scale = a_s.reshape(-1, a_s.shape[-1]).to(torch.float32).contiguous()
@@ -173,7 +170,7 @@ def fp8_gemm(
     c = torch.empty(M, N, dtype=out_dtype, device=a_q.device)
     if M and N:
         BM = 64 if M > 32 else 32
-        grid = (_cdiv(M, BM), _cdiv(N, BLOCK))
+        grid = (cdiv(M, BM), cdiv(N, BLOCK))
         _fp8_gemm_kernel[grid](
             a, w_q.contiguous(), c, a_scale, w_s.to(torch.float32).contiguous(), M, N, K,
             BM=BM, BN=BLOCK, BK=BLOCK, num_warps=4, num_stages=3,

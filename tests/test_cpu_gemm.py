@@ -414,8 +414,14 @@ def _model(cfg, runtime: Runtime, gen: torch.Generator) -> Transformer:
 
 def _decode_logits(cfg, runtime: Runtime) -> torch.Tensor:
     """A prefill, then forwards of 1, 3, 2, 1 tokens for two sequences at different positions
-    (exact forwards: decode- and verification-sized) -> their logits."""
+    (exact forwards: decode- and verification-sized) -> their logits. The routing bias spreads
+    the experts far apart, so that rounding cannot flip an expert choice between the dtypes
+    compared (a flip changes the logits by far more than rounding; the router has tests of its
+    own)."""
     model = _model(cfg, runtime, torch.Generator().manual_seed(SEED))
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.gate.e_score_correction_bias.copy_(torch.randperm(m.gate.weight.shape[0], generator=torch.Generator().manual_seed(SEED)).float())
     model(torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(SEED)),
           torch.zeros(2, dtype=torch.long))
     out, pos = [], torch.tensor([13, 10])

@@ -33,6 +33,10 @@ class CountingCheckpoint(Checkpoint):
     def get(self, name):
         return self._count(name, super().get(name))
 
+    def read_into(self, name, out):
+        super().read_into(name, out)
+        self._count(name, out)
+
     def get_slice(self, name):
         sl, outer = super().get_slice(name), self
 
@@ -134,3 +138,23 @@ def test_sharding_table():
                        "model.layers.61.eh_proj.weight", "model.layers.3.mlp.gate.e_score_correction_bias"):
         assert shard_kind(replicated) == "replicated"
     assert SHARDING[-1][1] == "replicated"
+
+
+def test_read_into_gives_the_stored_bytes_and_names_a_truncated_shard(tiny_fp8, tmp_path):
+    """Whole tensors are read with plain reads into their parameters (not a memory map): the same
+    bytes as safetensors gives, FP8 codes and scales included; a shard cut short is named.
+    ck = Checkpoint(tiny_fp8)
+    for name in ck.names():
+        ref = ck.get(name)
+        out = torch.empty_like(ref)
+        ck.read_into(name, out)
+        assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)), name
+    cut = tmp_path / "cut"
+    _copy(tiny_fp8, cut)
+    shard = cut / ck.shards[-1]
+    name = max(ck.tensors_in(ck.shards[-1]), key=lambda n: ck.info(n).end)  # the last tensor in the file
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 7)
+    with pytest.raises(DsvError, match="truncated"):
+        Checkpoint(cut).read_into(name, torch.empty_like(ck.get(name)))
