@@ -142,7 +142,7 @@ def test_sharding_table():
 
 def test_read_into_gives_the_stored_bytes_and_names_a_truncated_shard(tiny_fp8, tmp_path):
     """Whole tensors are read with plain reads into their parameters (not a memory map): the same
-    bytes as safetensors gives, FP8 codes and scales included; a shard cut short is named.
+    bytes as safetensors gives, FP8 codes and scales included; a shard cut short is named."""
     ck = Checkpoint(tiny_fp8)
     for name in ck.names():
         ref = ck.get(name)
