@@ -81,8 +81,14 @@ def to_gguf(ll: dict, ckpt: Path, outtype: str, out: Path) -> Path:
     tmp = out.with_name(out.name + ".part")
     print(f"converting {ckpt} to {out} ({outtype})", file=sys.stderr)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ll["gguf_py"]), os.environ.get("PYTHONPATH", "")]))
-    sh([sys.executable, ll["convert"], ckpt, "--outtype", outtype, "--outfile", tmp], env=env,
-       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.run([sys.executable, str(ll["convert"]), str(ckpt), "--outtype", outtype, "--outfile", str(tmp)],
+                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode:
+        tmp.unlink(missing_ok=True)
+        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
+        hint = (" (the converter knows a tokenizer by the ids it gives a test string, so only a known vocabulary, "
+                "such as a real DeepSeek tokenizer, passes)" if "pre-tokenizer was not recognized" in last else "")
+        sys.exit(f"{ckpt}: llama.cpp's converter refused it: {last}{hint}")
     tmp.replace(out)
     return out
 
