@@ -236,14 +236,15 @@ def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int 
     rng = np.random.Generator(np.random.PCG64(seed))
     names = list(sizes)
     groups = _split(names, sizes, shards, fp8)
-    copies = {"shared_head.head.weight": "lm_head.weight"}  # the MTP layer's copies of the main model's
     written: dict[str, str] = {}
 
     def source(name: str) -> str | None:
+        """The main model's tensor that `name` is a copy of (the MTP layer's embedding and head, as on the hub)."""
         if name.startswith("model.layers.") and name.endswith(".embed_tokens.weight"):
             return "model.embed_tokens.weight"
-        src = next((v for k, v in copies.items() if name.endswith(k)), None)
-        return src if src in sizes else None
+        if name.endswith("shared_head.head.weight") and "lm_head.weight" in sizes:
+            return "lm_head.weight"
+        return None
 
     shapes = expected_shapes(cfg, fp8=False)
     made: dict = {}  # generated, not yet written: a weight's scale may belong to the next shard
