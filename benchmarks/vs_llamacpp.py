@@ -6,7 +6,7 @@ a cache folder (~/.cache/dsv3/llamacpp, or --cache). llama.cpp is never patched:
 turns our checkpoints into GGUF BF16 (from the BF16 checkpoint) and Q8_0 (from the FP8 one; the
 converter dequantizes FP8 itself). Then, for several rounds and each --threads value, in
 alternating order:
-  - a 2 GiB read probe (torch sum, same thread count): the machine's read bandwidth;
+  - a 2 GiB read probe (torch sum, same thread count): the machine's read bandwidth then;
   - `dsv3 generate --json` (prompt of --prompt-len random ids, --new-tokens greedy tokens);
   - `llama-bench` (prefill pp<prompt-len>, decode tg<new-tokens> at depth <prompt-len>).
 Printed: decode and prefill tokens/s of each pair (dsv3 BF16 vs llama.cpp BF16, dsv3 FP8 vs
@@ -241,10 +241,11 @@ def main() -> None:
     rng = random.Random(0)
     prompt = [rng.randrange(5, min(vocab, 100000)) for _ in range(a.prompt_len)]
     rows: list[dict] = []
-    for r in range(a.rounds):
-        for t in a.threads:
-            bw = read_bandwidth(t)
-            for label, ck, _ in pairs:
+    # Pair by pair, so one pair's files (two copies of the weights) stay in the page cache.
+    for label, ck, _ in pairs:
+        for r in range(a.rounds):
+            for t in a.threads:
+                bw = read_bandwidth(t)
                 order = ("dsv3", "llama") if (r + t) % 2 == 0 else ("llama", "dsv3")
                 res = {}
                 for who in order:
