@@ -252,8 +252,9 @@ def main() -> None:
                     res[who] = (run_dsv3(ck, t, prompt, a.new_tokens, mtp) if who == "dsv3"
                                 else run_llama(ll, ggufs[label], t, a.prompt_len, a.new_tokens))
                 rows.append({"round": r, "threads": t, "pair": label, "bandwidth_GBps": bw, **res})
-                print(f"round {r} threads {t} {label}: dsv3 {res['dsv3']['decode']:.2f} tok/s decode, "
-                      f"llama.cpp {res['llama']['decode']:.2f}; probe {bw:.1f} GB/s", file=sys.stderr)
+                print(f"round {r} threads {t} {label}: decode dsv3 {res['dsv3']['decode']:.2f} llama.cpp "
+                      f"{res['llama']['decode']:.2f} tok/s, prefill dsv3 {res['dsv3']['prefill']:.2f} llama.cpp "
+                      f"{res['llama']['prefill']:.2f} tok/s; probe {bw:.1f} GB/s", file=sys.stderr)
 
     summary = []
     for t in a.threads:
