@@ -333,6 +333,21 @@ class Checkpoint:
         cfg = self.config
         return any(f"model.layers.{i}.eh_proj.weight" in self.weight_map for i in mtp_layers(cfg))
 
+    def decode_bytes(self) -> int:
+        """Bytes of weights one batch-1 decode token of the main model reads, as stored (FP8
+        codes + scales, BF16 elsewhere): every tensor but the embedding (one row of it) and the
+        MTP layers, the routed experts by num_experts_per_tok / n_routed_experts (an average
+        expert's share). The numerator of a decode's achieved bandwidth."""
+        cfg = self.config
+        mtp = tuple(f"model.layers.{i}." for i in mtp_layers(cfg))
+        total = 0
+        for n in self.names():
+            if n.endswith("embed_tokens.weight") or n.startswith(mtp):
+                continue
+            b = self.nbytes(n)
+            total += b * cfg.num_experts_per_tok // cfg.n_routed_experts if ".mlp.experts." in n else b
+        return total
+
     # -- data
     def _handle(self, shard: str):
         h = self._handles.get(shard)

@@ -43,6 +43,15 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' -}}{%- endif -%}"
 )
 
+# DeepSeek-V3's pre-tokenizer (its tokenizer.json): digits in runs of at most 3, runs of CJK
+# ideographs and kana, then words / punctuation / whitespace; bytes mapped as GPT-2 does after.
+DEEPSEEK_V3_SPLITS = (
+    '\\p{N}{1,3}',
+    '[一-龥\u3040-ゟ゠-ヿ]+',
+    '[!"#$%&\'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+'
+    '| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+',
+)
+
 # Training text for the tiny tokenizer (original prose; varied words, digits, punctuation, code).
 TRAINING_TEXT = """\
 The harbour was quiet before dawn. Three fishing boats rocked against the pier, their ropes
@@ -107,12 +116,15 @@ def build_tokenizer_json(vocab_size: int, text: str = TRAINING_TEXT) -> str:
     """A byte-level BPE of at most `vocab_size` tokens (specials first), as tokenizer.json text,
     trained on `text` (scripts/mini_train.py passes its corpus). Deterministic: the trainer breaks ties by
     pair order, and the input is fixed."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise DsvError(f"vocab_size {vocab_size}: a byte-level tokenizer needs at least {len(SPECIAL_TOKENS) + 256}")
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in DEEPSEEK_V3_SPLITS]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -544,6 +544,7 @@ def export(model, out, s: TrainSettings, shards: int = 2) -> int:
     from pathlib import Path
 
     from dsv3cli.tiny import write_checkpoint
+    from dsv3cli.tokenizer import write_tokenizer_files
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -559,8 +560,9 @@ def export(model, out, s: TrainSettings, shards: int = 2) -> int:
     groups = [g for g in groups if g]
     for p in out.glob("model*.safetensors*"):  # a stale shard of a previous export must not linger
         p.unlink()
-    return write_checkpoint(out, cfg, tensors, groups, vocab_size=s.vocab_size, model_max_length=4096,
-                            text=corpus_text_sample(s.seed, s.tokenizer_docs))
+    text = corpus_text_sample(s.seed, s.tokenizer_docs)
+    return write_checkpoint(out, cfg, ({n: tensors[n] for n in g} for g in groups), len(groups),
+                            lambda folder: write_tokenizer_files(folder, s.vocab_size, 4096, text))
 
 
 # ---- a quick MTP measurement --------------------------------------------------------------------

@@ -151,3 +151,17 @@ def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path):
             tmp.write_text("{")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_decode_bytes_counts_what_one_token_reads(tiny_bf16, tiny_fp8):
+    """The tiny preset: 3 layers (layer 0 dense), 16 experts, 4 per token, an MTP layer."""
+    from dsv3cli.checkpoint import Checkpoint
+
+    for path in (tiny_bf16, tiny_fp8):
+        ck = Checkpoint(path)
+        cfg = ck.config
+        main = [n for n in ck.names() if not n.startswith(f"model.layers.{cfg.num_hidden_layers}.")]
+        experts = sum(ck.nbytes(n) for n in main if ".mlp.experts." in n)
+        others = sum(ck.nbytes(n) for n in main if ".mlp.experts." not in n) - ck.nbytes("model.embed_tokens.weight")
+        assert ck.decode_bytes() == others + experts * 4 // 16
+        assert 0 < experts * 4 // 16 < ck.decode_bytes()

@@ -256,3 +256,15 @@ def test_no_compiler_or_switched_off_means_torch_path(tmp_path, monkeypatch):
     q, s = fp8.quantize_weight(w)  # the torch path still gives the format
     qr, sr = fp8.quantize_weight_ref(w)
     assert _same(q, qr) and _same(s, sr)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_every_code_bit_exact(kern, dtype):
+    """All 256 codes (subnormals, both zeros, NaN codes) in every column of a block, under
+    scales from float32-subnormal products through ordinary to overflowing, Inf and NaN."""
+    q = ((torch.arange(256)[:, None] + torch.arange(256)[None, :]) % 256).to(torch.uint8).view(E4M3)
+    inf, nan = float("inf"), float("nan")
+    for scales in (torch.tensor([[2.0**-140, 1.0], [3e-3, 2.0**100]]), torch.tensor([[-1.5, inf], [nan, 1e38]])):
+        got, want = fp8.dequantize_weight(q, scales, dtype), fp8.dequantize_weight_ref(q, scales, dtype)
+        assert torch.equal(got.isnan(), want.isnan()), scales
+        assert _same(got.nan_to_num(), want.nan_to_num()), scales

@@ -119,3 +119,90 @@ def test_other_shapes_validate(tmp_path):
     assert not ck.has_mtp and ck.has("model.layers.0.self_attn.q_proj.weight")
     assert not any(n.endswith("e_score_correction_bias") for n in ck.names())
     assert ck.config.q_lora_rank is None and ck.config.topk_method == "greedy"
+
+
+def test_cut_preset_keeps_every_width():
+    """--layers 2 --experts 32 of deepseek-v3: each layer's tensors are the full preset's, only
+    the counts change; the routing values that must change are stated."""
+    from dsv3cli.config import load_preset
+    from dsv3cli.tiny import cut_config, tensor_bytes, tiny_config
+
+    full = load_preset("deepseek-v3")
+    cfg, notes = cut_config(full, layers=2, experts=32, mtp=False)
+    assert (cfg.num_hidden_layers, cfg.n_routed_experts, cfg.first_k_dense_replace) == (2, 32, 1)
+    assert (cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.num_nextn_predict_layers) == (8, 4, 8, 0)
+    assert any("first_k_dense_replace 3 -> 1" in n for n in notes) and any("8 groups of 4" in n for n in notes)
+    cut, ref = expected_shapes(cfg), expected_shapes(full)
+    for name, shape in cut.items():
+        ref_name = name.replace("experts.31.", "experts.255.").replace("layers.1.", "layers.3.")
+        want = ref[ref_name]
+        if name.endswith(("gate.weight", "e_score_correction_bias")):
+            want = (32, *want[1:])  # the router has one row per kept expert
+        assert shape == want, name
+    # 1 dense + 1 MoE layer of V3's widths, BF16 embedding and head: the 5.9 GB FP8 cut of issue 16.
+    size = sum(tensor_bytes(tiny_config(config=cfg, fp8=True), True).values())
+    assert 5.8e9 < size < 6.0e9
+    # Groups of one expert: every group must be eligible to pick 8 experts.
+    cfg, notes = cut_config(full, experts=8)
+    assert (cfg.n_routed_experts, cfg.topk_group, cfg.num_experts_per_tok) == (8, 8, 8)
+    assert any("topk_group 4 -> 8" in n for n in notes)
+
+
+def test_cli_cut_writes_a_valid_checkpoint(tmp_path):
+    r = runner.invoke(app, ["tiny", str(tmp_path / "c"), "--layers", "2", "--experts", "4", "--json", "--fp8"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert any("topk_group 2 -> 4" in n for n in s["changes"])
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["n_routed_experts"], cfg["topk_group"], cfg["hidden_size"]) == (2, 4, 4, 256)
+    assert cfg["num_key_value_heads"] == cfg["num_attention_heads"]
+    rep = validate(tmp_path / "c")
+    assert rep.ok, rep.problems
+    ck = Checkpoint(tmp_path / "c")
+    assert ck.has("model.layers.2.mlp.experts.3.down_proj.weight") and not ck.has("model.layers.0.mlp.experts.0.up_proj.weight")
+    r = runner.invoke(app, ["tiny", str(tmp_path / "n"), "--layers", "1", "--no-mtp", "--json"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "n" / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["first_k_dense_replace"], cfg["num_nextn_predict_layers"]) == (1, 0, 0)
+    assert not Checkpoint(tmp_path / "n").has_mtp
+
+
+def test_cli_cut_refusals(tmp_path, monkeypatch):
+    for args, words in ((["--layers", "0"], "--layers 0: the preset has 61 layers"),
+                        (["--layers", "62"], "--layers 62: the preset has 61 layers"),
+                        (["--experts", "12"], "--experts 12: must be a multiple of the preset's n_group 8"),
+                        (["--experts", "512"], "--experts 512: the preset has 256 routed experts")):
+        r = runner.invoke(app, ["tiny", str(tmp_path / "v3"), "--preset", "deepseek-v3", *args])
+        assert r.exit_code == 2 and words in r.output, (args, r.output)
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "v3").exists()
+    # The disk preflight comes before any byte is written.
+    monkeypatch.setenv("DSV3_FAKE_FREE_BYTES", str(10**9))
+    r = runner.invoke(app, ["tiny", str(tmp_path / "v3"), "--preset", "deepseek-v3", "--layers", "1", "--experts", "8"])
+    assert r.exit_code == 1 and "GB to write but 1.0 GB free" in r.output, r.output
+    assert not (tmp_path / "v3").exists()
+
+
+def test_tokenizer_option_copies_and_checks_the_vocabulary(tmp_path, tiny_bf16):
+    from dsv3cli.tokenizer import build_tokenizer_json, tokenizer_config
+
+    r = runner.invoke(app, ["tiny", str(tmp_path / "t"), "--layers", "1", "--tokenizer", str(tiny_bf16)])
+    assert r.exit_code == 0, r.output
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "t" / f).read_bytes() == (tiny_bf16 / f).read_bytes()
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "tokenizer.json").write_text(build_tokenizer_json(1024))
+    (big / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(4096)))
+    r = runner.invoke(app, ["tiny", str(tmp_path / "u"), "--layers", "1", "--tokenizer", str(big)])
+    assert r.exit_code == 1 and "do not fit the model's vocab_size 512" in r.output, r.output
+    r = runner.invoke(app, ["tiny", str(tmp_path / "u"), "--layers", "1", "--tokenizer", str(tmp_path)])
+    assert r.exit_code == 1 and "no tokenizer.json there" in r.output
+
+
+def test_configs_have_one_kv_head_per_head(tiny_bf16):
+    from pathlib import Path
+
+    mini = Path(__file__).parent.parent / "checkpoints" / "dsv3-mini"
+    for folder in (tiny_bf16, mini):
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["num_key_value_heads"] == cfg["num_attention_heads"], folder

@@ -96,3 +96,13 @@ def test_training_is_deterministic_across_processes():
     code = "from dsv3cli.tokenizer import build_tokenizer_json as b; print(b(512))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert other == build_tokenizer_json(512) + "\n"
+
+
+def test_tiny_tokenizer_splits_as_deepseek_v3():
+    """DeepSeek-V3's split rules: digits in runs of at most 3, CJK runs apart from Latin letters,
+    a space joins the punctuation after it, then byte-level mapping."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    pre = HFTokenizer.from_str(build_tokenizer_json(512)).pre_tokenizer
+    pieces = [p for p, _ in pre.pre_tokenize_str("x=12345 我想在apple工作 'RE")]
+    assert pieces == ["x", "=", "123", "45", "Ġ", "æĪĳæĥ³åľ¨", "apple", "å·¥ä½ľ", "Ġ'", "RE"]
