@@ -54,6 +54,10 @@ PARALLEL_MACS = 1 << 20
 # CPU has bfloat16 dot products (oneDNN's blocked GEMM wins above it there); without them ours
 # win at every size (Zen 3, one core, 128 rows by 512x1536: 4.0 vs 21.7 ms).
 SMALL_ROWS = 32
+# A prefill's FP8 products of more rows than this dequantize the weight into the model's scratch
+# buffer and run the compute dtype's product (faster there than converting the codes for each
+# row group); decode and verification always take the codes.
+FP8_STREAM_ROWS = 16
 MLA_WRITE, MLA_ATTEND = 1, 2  # dsv3_mla's steps: the cache entries, the attention
 
 
@@ -354,6 +358,8 @@ class CpuOps(TorchOps):
         copy); dense ones through `matmul_t`."""
         rows = x.numel() // max(x.shape[-1], 1)
         if not lin.is_fp8 or x.dtype not in (BF16, torch.float32) or not self._c_rows(rows) or not self._fp8_ready(lin):
+            return super().linear(x, lin)
+        if not self.exact and rows > FP8_STREAM_ROWS:  # a prefill: one dequantized weight in cache-sized scratch, then the product
             return super().linear(x, lin)
         N, K = lin.weight.shape
         x2 = x.reshape(rows, K)
