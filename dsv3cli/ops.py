@@ -59,6 +59,9 @@ SMALL_ROWS = 32
 # row group); decode and verification always take the codes.
 FP8_STREAM_ROWS = 16
 MLA_WRITE, MLA_ATTEND = 1, 2  # dsv3_mla's steps: the cache entries, the attention
+# A prefill's attention runs in parts of at most this many tokens (their scores stay in cache),
+# on every thread there is; fewer tokens (a decode step, a verification) in one call.
+ATTEND_PART = 16
 
 
 @dataclass(frozen=True)
@@ -425,11 +428,11 @@ class CpuOps(TorchOps):
                                      nb, t1 - t0, m.h, m.nope, m.rope, m.c, m.vdim, mode)
 
         threads = self.threads_for(B * T * at.S * m.h * (CR + m.c))
-        if threads == 1:
+        if B * T <= ATTEND_PART:
             failed = call(0, 0, T, B, MLA_WRITE | MLA_ATTEND)
         else:
             failed = call(0, 0, T, B, MLA_WRITE)
-            rows = max(1, min(16, m.score_budget // (threads * m.h * at.S)))  # the threads' scores within budget
+            rows = max(1, min(ATTEND_PART, m.score_budget // (threads * m.h * at.S)))  # the threads' scores within budget
             parts = [(b, t) for b in range(B) for t in range(0, T, rows)]
             failed = failed or run_split(len(parts), lambda j0, j1: sum(
                 call(b, t, min(T, t + rows), 1, MLA_ATTEND) for b, t in parts[j0:j1]), threads)

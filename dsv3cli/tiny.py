@@ -191,7 +191,8 @@ def _tokenizer_writer(cfg: ModelConfig, tokenizer: Path | None) -> Callable[[Pat
 
 def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int | None = 3, preset: str = "tiny",
               config: ModelConfig | None = None, force: bool = False, tokenizer: str | Path | None = None,
-              cut: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
+              cut: bool = False, progress: Callable[[int, int], None] | None = None,
+              free_space: Callable[[Path], int] = free_bytes) -> Path:
     """Write a random checkpoint of `preset` (or `config`) to `out` in the hub's layout:
     config.json, generation_config.json, tokenizer.json, tokenizer_config.json, shards
     model-0000i-of-0000n.safetensors (the MTP layer at index num_hidden_layers included) and
@@ -199,7 +200,7 @@ def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int 
     `shards=None` picks 3, or one per ~2 GB for large checkpoints. `cut`: the config is a
     preset cut by the user (no MAX_BYTES limit, only the disk's). `tokenizer`: a folder whose
     tokenizer files are copied instead of writing the tiny BPE. `progress(done, total)` gets
-    bytes written."""
+    bytes written; `free_space(folder)` says how many bytes the disk has left there."""
     import numpy as np
     from safetensors import safe_open
 
@@ -224,7 +225,7 @@ def make_tiny(out: str | Path, *, seed: int = 0, fp8: bool = False, shards: int 
             if p.name in (INDEX_NAME, SINGLE_NAME) or p.name.startswith("model-")] if out.is_dir() else []
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DsvError(f"{out}: not empty; pass --force to overwrite the checkpoint files in it")
-    free = free_bytes(out) + sum(p.stat().st_size for p in ours)
+    free = free_space(out) + sum(p.stat().st_size for p in ours)
     if total + DISK_MARGIN > free:
         raise DsvError(f"{out}: {human(total)} to write but {human(free)} free there; free space or cut "
                        f"--layers/--experts further")

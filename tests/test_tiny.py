@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from dsv3cli.app import app
 from dsv3cli.checkpoint import Checkpoint, expected_shapes, is_fp8_weight, scale_name, validate
+from dsv3cli.errors import DsvError
 
 runner = CliRunner()
 
@@ -167,7 +170,7 @@ def test_cli_cut_writes_a_valid_checkpoint(tmp_path):
     assert not Checkpoint(tmp_path / "n").has_mtp
 
 
-def test_cli_cut_refusals(tmp_path, monkeypatch):
+def test_cli_cut_refusals(tmp_path):
     for args, words in ((["--layers", "0"], "--layers 0: the preset has 61 layers"),
                         (["--layers", "62"], "--layers 62: the preset has 61 layers"),
                         (["--experts", "12"], "--experts 12: must be a multiple of the preset's n_group 8"),
@@ -176,9 +179,12 @@ def test_cli_cut_refusals(tmp_path, monkeypatch):
         assert r.exit_code == 2 and words in r.output, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "v3").exists()
     # The disk preflight comes before any byte is written.
-    monkeypatch.setenv("DSV3_FAKE_FREE_BYTES", str(10**9))
-    r = runner.invoke(app, ["tiny", str(tmp_path / "v3"), "--preset", "deepseek-v3", "--layers", "1", "--experts", "8"])
-    assert r.exit_code == 1 and "GB to write but 1.0 GB free" in r.output, r.output
+    from dsv3cli.config import load_preset
+    from dsv3cli.tiny import cut_config, make_tiny
+
+    cfg, _ = cut_config(load_preset("deepseek-v3"), layers=1, experts=8)
+    with pytest.raises(DsvError, match="GB to write but 1.0 GB free"):
+        make_tiny(tmp_path / "v3", config=cfg, cut=True, free_space=lambda folder: 10**9)
     assert not (tmp_path / "v3").exists()
 
 
