@@ -200,4 +200,11 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    code = _main(sys.argv[1:])
+    # Leave without the interpreter's teardown: after a failed or timed-out collective, gloo's
+    # threads may still be joinable, and destroying them aborts the process ("terminate called
+    # without an active exception", SIGABRT), which the launcher would report instead of the
+    # rank that caused it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
