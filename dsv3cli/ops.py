@@ -481,6 +481,7 @@ class CpuOps(TorchOps):
             sw = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight) if se is not None else ()
             sp = [t.data_ptr() for t in sw] or [None] * 3
             Is = sw[0].shape[0] if sw else 0
+            shared = bool(sw)
 
             def run(t0: int, t1: int, lo: int, hi: int, with_shared: bool, out: int, f32: bool) -> int:
                 """Tokens t0..t1 through the routed experts lo..hi (and the shared one) into `out`."""
@@ -490,7 +491,7 @@ class CpuOps(TorchOps):
                                          *(sp if with_shared else [None] * 3), Is if with_shared else 0, int(f32))
         else:
             table, shared_table, Is, rest = fp8
-            sw = (True,) if shared_table is not None else ()
+            shared = shared_table is not None
 
             def run(t0: int, t1: int, lo: int, hi: int, with_shared: bool, out: int, f32: bool) -> int:
                 return self.lib.dsv3_moe_fp8(bf16, xp + t0 * D * es, ip + t0 * K * 8, wp + t0 * K * 4,
@@ -502,12 +503,12 @@ class CpuOps(TorchOps):
         P = moe.expert_parts
         if P == 1:  # one part: tokens across threads, one run each (each reads every expert's weights)
             yp = y.data_ptr()
-            failed = run_split(N, lambda t0, t1: run(t0, t1, moe.lo, moe.hi, bool(sw), yp + t0 * D * es, False),
+            failed = run_split(N, lambda t0, t1: run(t0, t1, moe.lo, moe.hi, shared, yp + t0 * D * es, False),
                                threads, per_worker=1)
         else:
             # parts: the shared expert (when there is one), then the routed experts in P - 1 ranges
             bounds = [moe.lo + (moe.hi - moe.lo) * i // (P - 1) for i in range(P)]
-            parts = [(moe.lo, moe.lo, True)] if sw else []
+            parts = [(moe.lo, moe.lo, True)] if shared else []
             parts += [(bounds[i], bounds[i + 1], False) for i in range(P - 1)]
             chunk = max(1, min(N, moe.part_budget // (len(parts) * D * 4)))  # tokens whose parts fit the budget
             failed = 0
