@@ -55,7 +55,7 @@ def llamacpp(cache: Path) -> dict[str, Path]:
     sdists = sorted(cache.glob("llama_cpp_python-*.tar.gz"))
     if not sdists:
         print(f"downloading the {PACKAGE} sdist into {cache}", file=sys.stderr)
-        sh([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+        sh([sys.executable, "-m", "pip", "download", "--no-binary", PACKAGE, "--no-deps",
             PACKAGE, "-d", cache], stdout=subprocess.DEVNULL)
         sdists = sorted(cache.glob("llama_cpp_python-*.tar.gz"))
     version = sdists[-1].name[len("llama_cpp_python-"):-len(".tar.gz")]

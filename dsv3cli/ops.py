@@ -54,10 +54,13 @@ PARALLEL_MACS = 1 << 20
 # CPU has bfloat16 dot products (oneDNN's blocked GEMM wins above it there); without them ours
 # win at every size (Zen 3, one core, 128 rows by 512x1536: 4.0 vs 21.7 ms).
 SMALL_ROWS = 32
-# A prefill's FP8 products of more rows than this dequantize the weight into the model's scratch
-# buffer and run the compute dtype's product (faster there than converting the codes for each
-# row group); decode and verification always take the codes.
-FP8_STREAM_ROWS = 16
+# A prefill's products of more rows than this, where the C kernels do all the products, take
+# cpu_gemm.c's packed product (dsv3_gemm_prefill: weight panels converted into cache, FP8 codes
+# included, then multiply-add bound tiles; Zen 3, one core, 128 rows: 28 against 17 G
+# multiply-adds/s); fewer rows stream the weight through the row kernels. Elsewhere a prefill's
+# FP8 products of more rows dequantize the weight into the model's scratch buffer for torch's
+# product. Decode and verification always take the row kernels (their bits equal a single step's).
+PACK_ROWS = 16
 MLA_WRITE, MLA_ATTEND = 1, 2  # dsv3_mla's steps: the cache entries, the attention
 # A prefill's attention runs in parts of at most this many tokens (their scores stay in cache),
 # on every thread there is; fewer tokens (a decode step, a verification) in one call.
@@ -333,10 +336,35 @@ class CpuOps(TorchOps):
 
     # ---- products ----------------------------------------------------------------------------
 
+    def _packed(self, rows: int) -> bool:
+        """Whether a product of `rows` rows takes the packed prefill product (see PACK_ROWS)."""
+        return not self.exact and self.all_products and rows > PACK_ROWS
+
+    def _prefill_product(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        """x [..., K] . wᵀ through dsv3_gemm_prefill: w [N,K] in x's dtype, or FP8 codes with their
+        block scales s; the outputs split across threads in whole panels (a split never changes them)."""
+        K, N = x.shape[-1], w.shape[0]
+        x2 = x.reshape(-1, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = x.new_empty(*x.shape[:-1], N)
+        wtype = 2 if s is not None else int(w.dtype == BF16)
+        xp, wp, sp, yp = x2.data_ptr(), w.data_ptr(), s.data_ptr() if s is not None else None, out.data_ptr()
+        bf16, ldx, ldw, M = int(x.dtype == BF16), x2.stride(0), w.stride(0), x2.shape[0]
+
+        def cols(n0: int, n1: int) -> int:
+            return self.lib.dsv3_gemm_prefill(bf16, wtype, xp, ldx, wp, ldw, sp, yp, N, M, K, n0, n1)
+
+        if run_split(N, cols, self.threads_for(M * N * K), align=16):
+            raise MemoryError("dsv3_gemm_prefill: out of memory for its scratch buffer")
+        return out
+
     def matmul_t(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
         if w.dtype != x.dtype or x.dtype not in (BF16, torch.float32) or w.stride(-1) != 1 or not self._c_rows(rows):
             return F.linear(x, w)
+        if self._packed(rows):
+            return self._prefill_product(x, w, None)
         x2 = x.reshape(rows, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
@@ -362,7 +390,9 @@ class CpuOps(TorchOps):
         rows = x.numel() // max(x.shape[-1], 1)
         if not lin.is_fp8 or x.dtype not in (BF16, torch.float32) or not self._c_rows(rows) or not self._fp8_ready(lin):
             return super().linear(x, lin)
-        if not self.exact and rows > FP8_STREAM_ROWS:  # a prefill: one dequantized weight in cache-sized scratch, then the product
+        if self._packed(rows):
+            return self._prefill_product(x, lin.weight, lin.weight_scale_inv)
+        if not self.exact and rows > PACK_ROWS:  # a prefill: one dequantized weight in scratch, then torch's product
             return super().linear(x, lin)
         N, K = lin.weight.shape
         x2 = x.reshape(rows, K)
@@ -488,7 +518,8 @@ class CpuOps(TorchOps):
                 return self.lib.dsv3_moe(bf16, xp + t0 * D * es, ip + t0 * K * 8, wp + t0 * K * 4,
                                          moe.w13.data_ptr() + (lo - moe.lo) * 2 * I * D * es,
                                          moe.w2.data_ptr() + (lo - moe.lo) * D * I * es, out, t1 - t0, K, D, I, lo, hi,
-                                         *(sp if with_shared else [None] * 3), Is if with_shared else 0, int(f32))
+                                         *(sp if with_shared else [None] * 3), Is if with_shared else 0, int(f32),
+                                         packed)
         else:
             table, shared_table, Is, rest = fp8
             shared = shared_table is not None
@@ -497,8 +528,11 @@ class CpuOps(TorchOps):
                 return self.lib.dsv3_moe_fp8(bf16, xp + t0 * D * es, ip + t0 * K * 8, wp + t0 * K * 4,
                                              table.data_ptr() + (lo - moe.lo) * 6 * 8,
                                              shared_table.data_ptr() if with_shared else None, out, t1 - t0, K, D, I,
-                                             lo, hi, Is if with_shared else 0, int(f32))
+                                             lo, hi, Is if with_shared else 0, int(f32), packed)
 
+        # a prefill's experts of many tokens take the packed product (moe_drive), but for bfloat16
+        # weights on a CPU whose bfloat16 dot products beat it
+        packed = int(not self.exact and not (fp8 is None and x.dtype == BF16 and self.kern.native_bf16))
         threads = self.threads_for(N * 3 * D * (K * I + Is))
         P = moe.expert_parts
         if P == 1:  # one part: tokens across threads, one run each (each reads every expert's weights)

@@ -50,7 +50,7 @@ VARIANTS = {
     "avx512": (("-march=x86-64-v4",), ("avx2", "fma", "f16c", "bmi2", *_V4)),
     "avx512bf16": (("-march=x86-64-v4", "-mavx512bf16"), ("avx2", "fma", "f16c", "bmi2", *_V4, "avx512_bf16")),
 }
-ABI = 6  # must equal dsv3_cpu_abi() in cpu_fp8.c
+ABI = 7  # must equal dsv3_cpu_abi() in cpu_fp8.c
 # Elements per job: large enough that the per-call cost (a few microseconds) is noise, small
 # enough that threads pulling jobs end together.
 CHUNK = 1 << 20
@@ -69,9 +69,9 @@ _SIGNATURES = {  # name: (restype, argtypes)
     # bf16, nn, x, w, y, B, H, M, N, K, sxb, sxh, sxm, swb, swh, sw, syb, syh, sym -> 0, or -1 without memory
     "dsv3_gemm": (_i64, (ctypes.c_int, ctypes.c_int, _p, _p, _p) + (_i64,) * 14),
     # bf16, x, idx, wt, w13, w2, y, N, K, D, I, lo, hi, sg, su, sd, Is, out_f32 -> 0, or -1 without memory
-    "dsv3_moe": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 6 + (_p, _p, _p, _i64, ctypes.c_int)),
+    "dsv3_moe": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 6 + (_p, _p, _p, _i64, ctypes.c_int, ctypes.c_int)),
     # bf16, x, idx, wt, ptr, sp, y, N, K, D, I, lo, hi, Is, out_f32 -> 0, or -1 without memory
-    "dsv3_moe_fp8": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 7 + (ctypes.c_int,)),
+    "dsv3_moe_fp8": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 7 + (ctypes.c_int, ctypes.c_int)),
     # parts, P, n, y, bf16
     "dsv3_sum_f32": (None, (_p, _i64, _i64, _p, ctypes.c_int)),
     # bf16, x, wg, bias, N, D, E, G, TG, K, norm, scale, idx, wt -> 0, or -1 without memory
@@ -84,6 +84,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_mtp_entry": (_i64, (_p, _p, _i64, _p, _p, ctypes.c_float, _p, ctypes.c_float, _p, _p, _i64, _i64)),
     # bf16, x, ldx, q, s, y, ldy, M, K, n0, n1 -> 0, or -1 without memory
     "dsv3_fp8_gemm": (_i64, (ctypes.c_int, _p, _i64, _p, _p, _p, _i64) + (_i64,) * 4),
+    "dsv3_gemm_prefill": (_i64, (ctypes.c_int, ctypes.c_int, _p, _i64, _p, _i64, _p, _p) + (_i64,) * 5),
     # x, y, n (float32): the vectorised e^x the softmax, SwiGLU and router use, for its tests
     "dsv3_exp": (None, (_p, _p, _i64)),
     # -> 1 when built for bfloat16 dot products in hardware (AVX512-BF16)

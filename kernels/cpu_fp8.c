@@ -383,4 +383,4 @@ void dsv3_f32_to_e4m3(const float *x, uint8_t *q, int64_t n) {
 }
 
 /* the library's interface version, checked by dsv3_kernels.cpu (both C files) */
-int dsv3_cpu_abi(void) { return 6; }
+int dsv3_cpu_abi(void) { return 7; }

@@ -487,3 +487,206 @@ int64_t dsv3_fp8_gemm(int bf16, const void *x, int64_t ldx, const uint8_t *q, co
     free(xf);
     return rc;
 }
+
+/* ---- prefill products: weight panels packed into cache --------------------------------------------
+ * A prefill's products have many rows (the prompt's tokens), so they are bound by the multiply-adds,
+ * not by reading the weight. There the weight is packed, PK_NR rows of it and PK_KC of its k at a
+ * time, into float32 [k][PK_NR] in L1 (converted from bfloat16, or from E4M3 codes times their block
+ * scale), and a tile of PK_MR rows of x by PK_NR outputs runs as PK_MR * PK_NR / lanes independent
+ * chains of fused multiply-adds, each x value broadcast once a k and each packed vector loaded once
+ * for PK_MR rows. Semantics: each output is one chain of fused multiply-adds over k in order from 0
+ * (the partial sums are stored and reloaded between k blocks, exactly), with an FP8 weight's values
+ * first rounded once to float32 (code value times its block's scale): the dequantized weight in
+ * float32, without a weight-sized copy. The result of a row does not depend on the other rows or on
+ * how outputs are split across threads; it differs from the nt kernels' lane order above, which is
+ * why only forwards that need no bit-equality with single-row steps (a prefill) use this. */
+#define PK_KC 384 /* k per packed panel: PK_KC * PK_NR floats stay in L1 */
+#define PK_MC 192 /* rows of x per block: PK_MC * PK_KC floats stay in L2 */
+#ifdef DSV3_AVX2
+#define PK_NR 16
+#define PK_MR 6 /* 12 accumulators of 8 lanes, 2 packed vectors and a broadcast in 16 registers */
+#elif defined(__AVX512F__)
+#define PK_NR 16
+#define PK_MR 8
+#else
+#define PK_NR 16
+#define PK_MR 4
+#endif
+
+/* the weight value at w[off] as float32, an FP8 code times sc (its block scale times 2^8, the
+ * codes' 2^-8 of cpu_vec.h) */
+static inline float pk_value(int wtype, const void *w, int64_t off, float sc) {
+    if (wtype == PK_F32) return ((const float *)w)[off];
+    if (wtype == PK_BF16) return bf16_f32(((const uint16_t *)w)[off]);
+    return fp8_f32(((const uint8_t *)w)[off]) * sc;
+}
+
+#ifdef DSV3_AVX2
+/* r[j] = row j's 8 values -> r[k] = the 8 rows' values at k */
+static inline void tr8(__m256 *r) {
+    __m256 t[8], s[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+    }
+}
+static inline __m256 pk_load8(int wtype, const void *w, int64_t off) {
+    if (wtype == PK_F32) return _mm256_loadu_ps((const float *)w + off);
+    if (wtype == PK_BF16) return ld8_bf16((const uint16_t *)w + off);
+    __m128i c = _mm_loadl_epi64((const __m128i *)((const uint8_t *)w + off));
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(fp8_half_bits(c)));
+}
+#endif
+
+/* bp [kc][PK_NR] = the weight rows n..n+PK_NR (zeros from n1 on) at k0..k0+kc */
+static void pk_pack(int wtype, const void *w, int64_t ldw, const float *s, int64_t KB, int64_t n, int64_t n1,
+                    int64_t k0, int64_t kc, float *bp) {
+    float sc[PK_NR][PK_KC / 128 + 2]; /* each row's block scales over k0..k0+kc, times 2^8 */
+    int64_t b0 = k0 / 128;
+    for (int j = 0; j < PK_NR; j++)
+        for (int64_t b = b0; wtype == PK_FP8 && n + j < n1 && b * 128 < k0 + kc; b++)
+            sc[j][b - b0] = s[(n + j) / 128 * KB + b] * 256.0f;
+    int64_t kk = 0;
+#ifdef DSV3_AVX2
+    if (n + PK_NR <= n1)
+        for (; kk + 8 <= kc && (k0 + kk) / 128 == (k0 + kk + 7) / 128; kk += 8)
+            for (int j0 = 0; j0 < PK_NR; j0 += 8) {
+                __m256 r[8];
+                for (int j = 0; j < 8; j++) {
+                    r[j] = pk_load8(wtype, w, (n + j0 + j) * ldw + k0 + kk);
+                    if (wtype == PK_FP8) r[j] = _mm256_mul_ps(r[j], _mm256_set1_ps(sc[j0 + j][(k0 + kk) / 128 - b0]));
+                }
+                tr8(r);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(bp + (kk + i) * PK_NR + j0, r[i]);
+            }
+#endif
+    for (; kk < kc; kk++)
+        for (int j = 0; j < PK_NR; j++)
+            bp[kk * PK_NR + j] = n + j < n1 ? pk_value(wtype, w, (n + j) * ldw + k0 + kk, sc[j][(k0 + kk) / 128 - b0]) : 0.0f;
+}
+
+/* c [MB][PK_NR] (rows ldc apart) (+)= a [kc][MB] (k lda apart: a packed block) . bp [kc][PK_NR]; the accumulators
+ * are named variables: as an array GCC kept them in memory, storing each after every step */
+#ifdef DSV3_AVX2
+#define PK_ROW(i, F)                                                                                             \
+    if (MB > i) F(i)
+#define PK_ROWS(F) PK_ROW(0, F); PK_ROW(1, F); PK_ROW(2, F); PK_ROW(3, F); PK_ROW(4, F); PK_ROW(5, F)
+#define PK_INIT(i) c##i##a = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc),                         \
+                   c##i##b = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc + 8)
+#define PK_STORE(i) _mm256_storeu_ps(c + i * ldc, c##i##a), _mm256_storeu_ps(c + i * ldc + 8, c##i##b)
+#define PK_STEP(i)                                                                                               \
+    do {                                                                                                         \
+        __m256 av = _mm256_broadcast_ss(a + k * lda + i);                                                        \
+        c##i##a = _mm256_fmadd_ps(av, b0, c##i##a), c##i##b = _mm256_fmadd_ps(av, b1, c##i##b);                  \
+    } while (0)
+static inline __attribute__((always_inline)) void pk_tile(const float *a, int64_t lda, const float *bp, int64_t kc,
+                                                          float *c, int64_t ldc, int first, const int MB) {
+    __m256 c0a, c0b, c1a, c1b, c2a, c2b, c3a, c3b, c4a, c4b, c5a, c5b;
+    PK_ROWS(PK_INIT);
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 b0 = _mm256_loadu_ps(bp + k * PK_NR), b1 = _mm256_loadu_ps(bp + k * PK_NR + 8);
+        PK_ROWS(PK_STEP);
+    }
+    PK_ROWS(PK_STORE);
+}
+#else
+static inline __attribute__((always_inline)) void pk_tile(const float *a, int64_t lda, const float *bp, int64_t kc,
+                                                          float *c, int64_t ldc, int first, const int MB) {
+    v16f acc[PK_MR];
+    for (int i = 0; i < MB; i++) acc[i] = first ? (v16f){0} : ld_f32(c + i * ldc);
+    for (int64_t k = 0; k < kc; k++) {
+        v16f b = ld_f32(bp + k * PK_NR);
+        for (int i = 0; i < MB; i++) acc[i] += ((v16f){0} + a[k * lda + i]) * b;
+    }
+    for (int i = 0; i < MB; i++) memcpy(c + i * ldc, &acc[i], sizeof(v16f));
+}
+#endif
+#define PK_TILE_FN(MB)                                                                                           \
+    static __attribute__((noinline)) void pk_tile_##MB(const float *a, int64_t lda, const float *bp, int64_t kc, \
+                                                       float *c, int64_t ldc, int first) {                       \
+        pk_tile(a, lda, bp, kc, c, ldc, first, MB);                                                              \
+    }
+PK_TILE_FN(1) PK_TILE_FN(2) PK_TILE_FN(3) PK_TILE_FN(4)
+#if PK_MR > 4
+PK_TILE_FN(5) PK_TILE_FN(6)
+#endif
+#if PK_MR > 6
+PK_TILE_FN(7) PK_TILE_FN(8)
+#endif
+typedef void (*pk_tile_fn)(const float *, int64_t, const float *, int64_t, float *, int64_t, int);
+static const pk_tile_fn pk_tiles[PK_MR] = {pk_tile_1, pk_tile_2, pk_tile_3, pk_tile_4,
+#if PK_MR > 4
+                                           pk_tile_5, pk_tile_6,
+#endif
+#if PK_MR > 6
+                                           pk_tile_7, pk_tile_8,
+#endif
+};
+
+/* y [M, n1-n0] (float32, rows ldy apart) = x [M,K] (float32, rows ldx apart) . w[n0:n1]^T, w [N,K]
+ * (rows ldw apart) float32, bfloat16 or E4M3 codes with 128x128 block scales s [ceil(N/128),
+ * ceil(K/128)] (wtype). See the top of this section for the semantics. A last partial panel of
+ * outputs accumulates in a buffer of whole panels. Returns 0, or -1 when scratch memory cannot be
+ * had. */
+DSV3_HIDDEN int64_t pk_product(const float *x, int64_t ldx, int64_t M, int64_t K, int wtype, const void *w, int64_t ldw,
+                               const float *s, int64_t n0, int64_t n1, float *y, int64_t ldy) {
+    float *bp = malloc((size_t)(PK_KC + PK_MC) * PK_NR * sizeof(float) + (size_t)PK_MC * PK_KC * sizeof(float) + 64);
+    if (!bp) return -1;
+    float *part = bp + PK_KC * PK_NR; /* [PK_MC][PK_NR]: the partial panel's sums */
+    /* x's block [PK_MC][PK_KC] as tiles [PK_MR rows][kc][PK_MR]: each tile's values in the order it
+     * reads them (x's rows are often a multiple of 4 KB apart, and six such streams fight over the
+     * same L1 sets) */
+    float *ap = part + PK_MC * PK_NR;
+    int64_t KB = (K + 127) / 128, nfull = n0 + (n1 - n0) / PK_NR * PK_NR;
+    for (int64_t m0 = 0; m0 < M; m0 += PK_MC) {
+        int64_t m1 = m0 + PK_MC < M ? m0 + PK_MC : M;
+        for (int64_t k0 = 0; k0 < K; k0 += PK_KC) {
+            int64_t kc = K - k0 < PK_KC ? K - k0 : PK_KC;
+            for (int64_t m = m0; m < m1; m++) {
+                float *t = ap + (m - m0) / PK_MR * kc * PK_MR + (m - m0) % PK_MR;
+                for (int64_t k = 0; k < kc; k++) t[k * PK_MR] = x[m * ldx + k0 + k];
+            }
+            for (int64_t n = n0; n < n1; n += PK_NR) {
+                pk_pack(wtype, w, ldw, s, KB, n, n1, k0, kc, bp);
+                float *c = n < nfull ? y + m0 * ldy + (n - n0) : part;
+                int64_t ldc = n < nfull ? ldy : PK_NR, m = m0;
+                for (; m + PK_MR <= m1; m += PK_MR)
+                    pk_tiles[PK_MR - 1](ap + (m - m0) * kc, PK_MR, bp, kc, c + (m - m0) * ldc, ldc, k0 == 0);
+                if (m < m1) pk_tiles[m1 - m - 1](ap + (m - m0) * kc, PK_MR, bp, kc, c + (m - m0) * ldc, ldc, k0 == 0);
+            }
+        }
+        for (int64_t m = m0; m < m1 && nfull < n1; m++)
+            memcpy(y + m * ldy + (nfull - n0), part + (m - m0) * PK_NR, (size_t)(n1 - nfull) * sizeof(float));
+    }
+    free(bp);
+    return 0;
+}
+
+/* y [M,N] = x [M,K] . w^T for a prefill (pk_product), only the output columns n0..n1: x and y
+ * bfloat16 (bf16=1) or float32, x rows ldx apart, y rows ldy apart; w as in pk_product. Returns 0,
+ * or -1 when scratch memory cannot be had (nothing is written then). */
+int64_t dsv3_gemm_prefill(int bf16, int wtype, const void *x, int64_t ldx, const void *w, int64_t ldw, const float *s,
+                          void *y, int64_t ldy, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+    int64_t n = n1 - n0;
+    float *xf = malloc((size_t)(M * K + M * n) * sizeof(float) + 64);
+    if (!xf) return -1;
+    float *yf = xf + M * K;
+    to_f32(x, bf16, ldx, M, K, xf);
+    int64_t rc = pk_product(xf, K, M, K, wtype, w, ldw, s, n0, n1, yf, n);
+    if (!rc) {
+        size_t es = bf16 ? 2 : 4;
+        for (int64_t m = 0; m < M; m++) store(yf + m * n, (char *)y + (m * ldy + n0) * es, bf16, n);
+    }
+    free(xf);
+    return rc;
+}

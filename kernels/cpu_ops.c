@@ -141,11 +141,18 @@ static void silu_mul(const float *g, const float *u, float *y, int64_t n) {
 }
 #endif
 /* out [r,D] (float32) = down(silu(gate xs) * up xs) for r gathered rows xs [r,D]; gate and up
- * [I,D] (gate and up rows), down [D,I]; scratch gu [ROWS,2I], act [ROWS,I] floats. */
-static void swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const void *wg, const void *wu, const void *wd,
-                        int64_t I, float *gu, float *act, float *out) {
+ * [I,D] (gate and up rows), down [D,I]; scratch gu [r,2I], act [r,I] and xf [r,D] floats. With pk (a
+ * prefill's expert of many tokens) the products are cpu_gemm.c's pk_product on float32 copies of
+ * the inputs, with the same roundings (the activations rounded to bfloat16 for a bfloat16 down). */
+static int64_t swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const void *wg, const void *wu, const void *wd,
+                        int64_t I, float *gu, float *act, float *xf, int pk, float *out) {
     uint16_t *act16 = (uint16_t *)act; /* the same memory, as a bfloat16 product's input */
-    if (bf16) {
+    int wt = bf16 ? PK_BF16 : PK_F32;
+    if (pk) {
+        to_f32(xs, bf16, D, r, D, xf);
+        if (pk_product(xf, D, r, D, wt, wg, D, NULL, 0, I, gu, 2 * I) || pk_product(xf, D, r, D, wt, wu, D, NULL, 0, I, gu + I, 2 * I))
+            return -1;
+    } else if (bf16) {
         nt_bf16(xs, D, wg, D, gu, 2 * I, r, I, D);
         nt_bf16(xs, D, wu, D, gu + I, 2 * I, r, I, D);
     } else {
@@ -165,37 +172,57 @@ static void swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const vo
             store(a, act16 + j * I + i, 1, c);
         }
     }
+    if (pk && bf16) {
+        to_f32(act16, 1, I, r, I, gu); /* the rounded activations in float32, in gu (free now) */
+        return pk_product(gu, I, r, I, wt, wd, I, NULL, 0, D, out, D);
+    }
+    if (pk) return pk_product(act, I, r, I, wt, wd, I, NULL, 0, D, out, D);
     if (bf16)
         nt_bf16(act16, I, wd, I, out, D, r, D, I);
     else
         nt_f32(act, I, wd, I, out, D, r, D, I);
+    return 0;
 }
 
 /* The experts of a MoE layer for N tokens, whatever their weights' format: expert by expert
  * (e = lo - 1 first: the shared expert, every token, when `shared`), its tokens gathered in groups
- * of up to ROWS (in the compute dtype), `fn` computing the expert's float32 output rows for a
- * group, added with the token's routing weight into float32 sums rounded once at the end (with
- * out_f32, y is float32 and gets the sums unrounded). Returns 0, or -1 when scratch memory cannot
- * be had (y is untouched then). */
+ * (in the compute dtype), `fn` computing the expert's float32 output rows for a group, added with
+ * the token's routing weight into float32 sums rounded once at the end (with out_f32, y is float32
+ * and gets the sums unrounded). Groups hold ROWS tokens, each a product of the nt kernels; in a
+ * prefill (`prefill`), an expert with at least PK_ROWS tokens takes them PK_GROUP at a time through
+ * pk_product instead (faster with many rows, but its sums run in another order, and which experts
+ * take it depends on the other tokens: no forward that must match single-token steps uses it).
+ * `work_floats` is the scratch fn needs per row of a group. Returns 0, or -1 when scratch memory
+ * cannot be had (y is untouched then). */
 #define ROWS 16
-typedef int64_t (*expert_fn)(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work);
+#define PK_ROWS 24
+#define PK_GROUP 256
+typedef int64_t (*expert_fn)(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work, int pk);
 static int64_t moe_drive(int bf16, const void *x, const int64_t *idx, const float *wt, void *y, int64_t N, int64_t Kx,
-                         int64_t D, int64_t lo, int64_t hi, int shared, int out_f32, int64_t work_floats, expert_fn fn,
-                         const void *ctx) {
+                         int64_t D, int64_t lo, int64_t hi, int shared, int out_f32, int prefill, int64_t work_floats,
+                         expert_fn fn, const void *ctx) {
     size_t es = bf16 ? 2 : 4;
-    int64_t nacc = out_f32 ? 0 : N * D;
-    float *buf = malloc((size_t)(nacc + work_floats + ROWS * D) * sizeof(float) + (size_t)ROWS * D * es);
-    if (!buf) return -1;
-    float *acc = out_f32 ? (float *)y : buf, *work = buf + nacc, *out = work + work_floats;
-    char *xs = (char *)(out + ROWS * D); /* the group's token rows, gathered */
-    int64_t tok[ROWS], rc = 0;
-    float scale[ROWS];
+    int64_t nacc = out_f32 ? 0 : N * D, G = prefill ? PK_GROUP : ROWS;
+    int64_t *tok = malloc((size_t)G * sizeof(int64_t) + (size_t)(nacc + G * (work_floats + D + 1)) * sizeof(float) +
+                          (size_t)G * D * es), rc = 0;
+    if (!tok) return -1;
+    float *buf = (float *)(tok + G), *acc = out_f32 ? (float *)y : buf, *work = buf + nacc;
+    float *out = work + G * work_floats, *scale = out + G * D;
+    char *xs = (char *)(scale + G); /* the group's token rows, gathered */
     memset(acc, 0, (size_t)(N * D) * sizeof(float));
     for (int64_t e = lo - (shared != 0); e < hi && !rc; e++) {
-        int64_t n = 0;
+        int64_t count = 0, n = 0;
+        for (int64_t t = 0; prefill && t < N; t++)
+            for (int64_t k = 0; k < (e < lo ? 1 : Kx); k++)
+                if (e < lo || idx[t * Kx + k] == e) {
+                    count++;
+                    break;
+                }
+        int pk = prefill && count >= PK_ROWS;
+        int64_t group = pk ? PK_GROUP : ROWS;
         while (n < N && !rc) {
             int64_t r = 0;
-            for (; n < N && r < ROWS; n++)
+            for (; n < N && r < group; n++)
                 for (int64_t k = 0; k < (e < lo ? 1 : Kx); k++)
                     if (e < lo || idx[n * Kx + k] == e) {
                         tok[r] = n, scale[r] = e < lo ? 1.0f : wt[n * Kx + k];
@@ -204,13 +231,13 @@ static int64_t moe_drive(int bf16, const void *x, const int64_t *idx, const floa
                         break; /* an expert appears once in a token's choices */
                     }
             if (r == 0) break;
-            rc = fn(ctx, e, xs, r, out, work);
+            rc = fn(ctx, e, xs, r, out, work, pk);
             for (int64_t j = 0; j < r && !rc; j++)
                 for (int64_t d = 0; d < D; d++) acc[tok[j] * D + d] += scale[j] * out[j * D + d];
         }
     }
     if (!out_f32 && !rc) store(acc, y, bf16, N * D);
-    free(buf);
+    free(tok);
     return rc;
 }
 
@@ -221,17 +248,16 @@ struct dense_experts {
     const char *w13, *w2, *sg, *su, *sd;
     int64_t D, I, Is, lo;
 };
-static int64_t dense_expert(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work) {
+static int64_t dense_expert(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work, int pk) {
     const struct dense_experts *c = ctx;
     size_t es = c->bf16 ? 2 : 4;
-    int64_t D = c->D, Ie = e < c->lo ? c->Is : c->I, Im = c->Is > c->I ? c->Is : c->I;
+    int64_t D = c->D, Ie = e < c->lo ? c->Is : c->I;
     const char *wg = c->sg, *wu = c->su, *wd = c->sd;
     if (e >= c->lo) {
         wg = c->w13 + (e - c->lo) * 2 * c->I * D * es, wu = wg + c->I * D * es;
         wd = c->w2 + (e - c->lo) * D * c->I * es;
     }
-    swiglu_rows(c->bf16, xs, r, D, wg, wu, wd, Ie, work, work + ROWS * 2 * Im, out);
-    return 0;
+    return swiglu_rows(c->bf16, xs, r, D, wg, wu, wd, Ie, work, work + r * 2 * Ie, work + r * 3 * Ie, pk, out);
 }
 
 /* A MoE layer's experts for N tokens (the router's choices given):
@@ -240,17 +266,17 @@ static int64_t dense_expert(const void *ctx, int64_t e, const char *xs, int64_t 
  * w13 [E_local, 2I, D] (gate rows then up rows), w2 [E_local, D, I]; the shared expert (this
  * rank's part; none when sg is NULL): gate sg and up su [Is,D], down sd [D,Is]. x, y [N,D] and
  * the weights all bfloat16 (bf16=1) or all float32; idx int64 [N,Kx]; wt float32 [N,Kx].
- * Each weight row is read once per group of tokens (moe_drive). The hidden activations stay
- * float32 (rounded to bfloat16 as the input of a bfloat16 product), and y accumulates in float32,
- * rounded once at the end; with out_f32, y is float32 and gets the sums unrounded (a part of the
- * experts, for dsv3_sum_f32). Returns 0, or -1 when scratch memory cannot be had (y is untouched
- * then). */
+ * Each weight row is read once per group of tokens (moe_drive; `prefill`: see there). The hidden
+ * activations stay float32 (rounded to bfloat16 as the input of a bfloat16 product), and y
+ * accumulates in float32, rounded once at the end; with out_f32, y is float32 and gets the sums
+ * unrounded (a part of the experts, for dsv3_sum_f32). Returns 0, or -1 when scratch memory cannot
+ * be had (y is untouched then). */
 int64_t dsv3_moe(int bf16, const void *x, const int64_t *idx, const float *wt, const void *w13, const void *w2, void *y,
                  int64_t N, int64_t Kx, int64_t D, int64_t I, int64_t lo, int64_t hi, const void *sg, const void *su,
-                 const void *sd, int64_t Is, int out_f32) {
+                 const void *sd, int64_t Is, int out_f32, int prefill) {
     struct dense_experts c = {bf16, w13, w2, sg, su, sd, D, I, sg ? Is : 0, lo};
     int64_t Im = c.Is > I ? c.Is : I;
-    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sg != NULL, out_f32, ROWS * 3 * Im, dense_expert, &c);
+    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sg != NULL, out_f32, prefill, D + 3 * Im, dense_expert, &c);
 }
 
 /* FP8 experts: each weight as E4M3 codes with its 128x128 block scales, by address: six per
@@ -262,25 +288,35 @@ struct fp8_experts {
     int bf16;
     int64_t D, I, Is, lo;
 };
-static int64_t fp8_expert(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work) {
+static int64_t fp8_expert(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work, int pk) {
     const struct fp8_experts *c = ctx;
     const int64_t *p = e < c->lo ? c->sp : c->ptr + (e - c->lo) * 6;
-    int64_t D = c->D, Ie = e < c->lo ? c->Is : c->I;
-    float *xf = work, *gu = xf + ROWS * D, *act = gu + ROWS * 2 * Ie;
+    int64_t D = c->D, Ie = e < c->lo ? c->Is : c->I, rc = 0;
+    float *xf = work, *gu = xf + r * D, *act = gu + r * 2 * Ie;
+    const uint8_t *q[3] = {(const uint8_t *)p[0], (const uint8_t *)p[2], (const uint8_t *)p[4]};
+    const float *s[3] = {(const float *)p[1], (const float *)p[3], (const float *)p[5]};
     to_f32(xs, c->bf16, D, r, D, xf);
-    int64_t rc = fp8_product(xf, r, D, (const uint8_t *)p[0], (const float *)p[1], 0, Ie, gu, 2 * Ie);
-    rc = rc ? rc : fp8_product(xf, r, D, (const uint8_t *)p[2], (const float *)p[3], 0, Ie, gu + Ie, 2 * Ie);
+    if (pk) {
+        rc = pk_product(xf, D, r, D, PK_FP8, q[0], D, s[0], 0, Ie, gu, 2 * Ie);
+        rc = rc ? rc : pk_product(xf, D, r, D, PK_FP8, q[1], D, s[1], 0, Ie, gu + Ie, 2 * Ie);
+    } else {
+        rc = fp8_product(xf, r, D, q[0], s[0], 0, Ie, gu, 2 * Ie);
+        rc = rc ? rc : fp8_product(xf, r, D, q[1], s[1], 0, Ie, gu + Ie, 2 * Ie);
+    }
     for (int64_t j = 0; j < r; j++) silu_mul(gu + j * 2 * Ie, gu + j * 2 * Ie + Ie, act + j * Ie, Ie);
-    return rc ? rc : fp8_product(act, r, Ie, (const uint8_t *)p[4], (const float *)p[5], 0, D, out, D);
+    if (rc) return rc;
+    return pk ? pk_product(act, Ie, r, Ie, PK_FP8, q[2], Ie, s[2], 0, D, out, D) : fp8_product(act, r, Ie, q[2], s[2], 0, D, out, D);
 }
 
-/* dsv3_moe for FP8 experts (fp8_expert), the products straight from the codes (fp8_product): the
- * same routing, gathering, float32 activations and sums; bf16 says the dtype of x and y. */
+/* dsv3_moe for FP8 experts (fp8_expert), the products straight from the codes (fp8_product, or
+ * pk_product in a prefill): the same routing, gathering, float32 activations and sums; bf16 says
+ * the dtype of x and y. */
 int64_t dsv3_moe_fp8(int bf16, const void *x, const int64_t *idx, const float *wt, const int64_t *ptr, const int64_t *sp,
-                     void *y, int64_t N, int64_t Kx, int64_t D, int64_t I, int64_t lo, int64_t hi, int64_t Is, int out_f32) {
+                     void *y, int64_t N, int64_t Kx, int64_t D, int64_t I, int64_t lo, int64_t hi, int64_t Is, int out_f32,
+                     int prefill) {
     struct fp8_experts c = {ptr, sp, bf16, D, I, sp ? Is : 0, lo};
     int64_t Im = c.Is > I ? c.Is : I;
-    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sp != NULL, out_f32, ROWS * (D + 3 * Im), fp8_expert, &c);
+    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sp != NULL, out_f32, prefill, D + 3 * Im, fp8_expert, &c);
 }
 
 /* y[i] = round(parts[0][i] + parts[1][i] + ... + parts[P-1][i]), added left to right in float32

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dsv3cli.config import load_preset
 from dsv3cli.model import MLA, MoE, Positions, RMSNorm, Transformer, rope_frequencies, rope_tables
-from dsv3cli.ops import SMALL_ROWS, Runtime
+from dsv3cli.ops import PACK_ROWS, SMALL_ROWS, Runtime
 from dsv3cli.parallel import Dist, Linear, Scratch
 
 cpu = pytest.importorskip("dsv3_kernels.cpu", reason="dsv3_kernels is not importable (package not installed)")
@@ -82,9 +82,9 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
 @pytest.mark.parametrize("K", [1, 7, 31, 32, 33, 64, 65, 96, 200, 512])
 def test_linear_few_rows_matches_float64_and_rows_and_outputs_are_independent(K, dtype, variant):
-    c = _c(dtype, variant)  # a prefill's backend: up to SMALL_ROWS rows in C on every CPU
+    c = _c(dtype, variant)  # a prefill's backend: up to PACK_ROWS rows through the row kernels on every CPU
     g = torch.Generator().manual_seed(SEED + K)
-    for M in (1, 2, 3, 4, 5, 9, SMALL_ROWS):
+    for M in (1, 2, 3, 4, 5, 9, PACK_ROWS):
         for N in (1, 5, 130):
             x = torch.randn(2, M, K, generator=g).to(dtype)[1]  # a view into a larger tensor
             w = torch.randn(N, K, generator=g).to(dtype)
@@ -106,11 +106,11 @@ def test_linear_few_rows_matches_float64_and_rows_and_outputs_are_independent(K,
 @variants
 def test_linear_many_rows(variant):
     """A prefill (not exact): float32 goes through torch; bfloat16 with many rows through torch
-    (oneDNN) where the CPU has bfloat16 dot products, else through the C kernel at every size
-    (torch's bfloat16 products run at a fraction of its float32 speed there). An exact forward
-    (decode, verification): the C kernel at every size, whatever the dtype and the CPU. Where C:
-    close to float64, rows independent, across the panels the kernel cuts the rows into (K=1000:
-    65 rows a panel)."""
+    (oneDNN) where the CPU has bfloat16 dot products, else through the packed product (more than
+    PACK_ROWS rows). An exact forward (decode, verification): the row kernels at every size,
+    whatever the dtype and the CPU. Where C: close to float64, rows independent (the packed
+    product's rows of one another, the row kernels' of their number too), across the panels the
+    kernels cut the rows into (K=1000: 65 rows a panel)."""
     g = torch.Generator().manual_seed(SEED)
     w = torch.randn(24, 40, generator=g)
     x = torch.randn(SMALL_ROWS + 3, 40, generator=g)
@@ -121,14 +121,16 @@ def test_linear_many_rows(variant):
     in_c = [(prefill_bf16, BF16)] if not prefill_bf16.kern.native_bf16 else []
     in_c += [(_c(BF16, variant, exact=True), BF16), (_c(torch.float32, variant, exact=True), torch.float32)]
     for c, dtype in in_c:
-        for M, N, K in [(SMALL_ROWS + 1, 7, 33), (70, 29, 200), (131, 10, 1000)]:
+        for M, N, K in [(PACK_ROWS + 1, 7, 33), (70, 29, 200), (131, 10, 1000), (200, 37, 300)]:
             x, w = torch.randn(M, K, generator=g).to(dtype), torch.randn(N, K, generator=g).to(dtype)
             y = c.matmul_t(x, w)
             msg = f"seed {SEED}, {variant}, {dtype}, exact {c.exact}, M {M} N {N} K {K}"
             _close_product(y, x, w, msg)
-            for i in (0, M // 2, M - 1):
+            for i in (0, M // 2, M - 1) if c.exact else ():
                 assert torch.equal(c.matmul_t(x[i : i + 1], w), y[i : i + 1]), f"{msg}: row {i} differs alone"
-            assert torch.equal(c.matmul_t(x[3:], w), y[3:]), msg
+            lo = M - PACK_ROWS - 1 if not c.exact else 3  # the packed product for the rest too
+            assert torch.equal(c.matmul_t(x[lo:], w), y[lo:]), msg
+            assert torch.equal(c.matmul_t(x, w[5:]), y[:, 5:]), f"{msg}: outputs 5.. differ on their own"
 
 
 # ---- attention -----------------------------------------------------------------------------------
@@ -240,13 +242,15 @@ MOE_TOL = {BF16: 2e-2, torch.float32: 1e-5}  # bfloat16: the activations are rou
 @variants
 @pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
-@pytest.mark.parametrize("D,I,N", [(40, 24, 1), (96, 48, 3), (64, 33, 37), (130, 70, 20)])
+@pytest.mark.parametrize("D,I,N", [(40, 24, 1), (96, 48, 3), (64, 33, 37), (130, 70, 20), (72, 40, 90)])
 def test_moe_routed_matches_float64_loop(dtype, D, I, N, parts, variant):
     """dsv3_moe against a float64 loop over (token, expert) pairs and against TorchOps' loop over
     the experts (exact: a row at a time), also for one rank's experts; the experts in one part, or
-    in parts added after (with part sums held for 7 tokens at a time: several chunks of tokens)."""
+    in parts added after (with part sums held for 7 tokens at a time: several chunks of tokens).
+    A prefill's experts of many tokens (N=90: 45 a expert) take the packed product; an exact
+    forward's results do not depend on the other tokens."""
     E, K = 6, 3
-    c, loop = _c(dtype, variant), _torch(dtype, exact=True)
+    c, loop, exact = _c(dtype, variant), _torch(dtype, exact=True), _c(dtype, variant, exact=True)
     for world, rank in [(1, 0), (2, 1)]:
         m = _moe(dtype, D, I, E, K, world, rank)
         m.expert_parts, m.part_budget = parts, 7 * parts * D * 4
@@ -261,9 +265,10 @@ def test_moe_routed_matches_float64_loop(dtype, D, I, N, parts, variant):
         assert err <= tol, f"{msg}: max error {err:.3g}"
         torch_loop = loop.moe_experts(m, x, wt, idx)  # the torch path it replaces
         assert (y.double() - torch_loop.double()).abs().max().item() <= 2 * tol, msg
-        # a token's result does not depend on the others
+        ye = exact.moe_experts(m, x, wt, idx)
+        assert (ye.double() - ref).abs().max().item() <= tol, f"{msg}: exact"
         for n in (0, N - 1):
-            assert torch.equal(c.moe_experts(m, x[n : n + 1], wt[n : n + 1], idx[n : n + 1]), y[n : n + 1]), msg
+            assert torch.equal(exact.moe_experts(m, x[n : n + 1], wt[n : n + 1], idx[n : n + 1]), ye[n : n + 1]), msg
 
 
 @variants
@@ -456,9 +461,11 @@ def test_attention_c_path_matches_torch_path(dtype, variant):
 
 @variants
 def test_prefill_equals_token_by_token_decode_bit_for_bit(variant):
-    """Where the C kernels do every product (no bfloat16 dot products in hardware), a prefill's
-    logits are those of decoding its tokens one by one, bit for bit: every kernel computes a
-    token's row the same way whatever the other rows in the call (the attention in parts, too)."""
+    """Where the C kernels do every product (no bfloat16 dot products in hardware), a prefill of
+    up to PACK_ROWS tokens gives the logits of decoding its tokens one by one, bit for bit: every
+    row kernel computes a token's row the same way whatever the other rows in the call (the
+    attention in parts, too). (More tokens take the packed product, whose sums run in another
+    order.)"""
     if cpu.load(variant).native_bf16:
         pytest.skip(f"{variant} has bfloat16 dot products: a prefill's large products go through oneDNN")
     cfg = load_preset("tiny").replace(**ATTN)
@@ -466,10 +473,10 @@ def test_prefill_equals_token_by_token_decode_bit_for_bit(variant):
     model = _model(cfg, Runtime(dtype=BF16, variant=variant), g)
     for m in model.modules():
         if hasattr(m, "score_budget"):
-            m.score_budget = 3 * m.h * 37  # the prefill's attention in parts of 3 tokens, the last of 1
+            m.score_budget = 3 * m.h * PACK_ROWS // 2  # the prefill's attention in parts of 3 tokens, the last of 2
         if hasattr(m, "expert_parts"):
             m.expert_parts = 3  # the experts in parts, as large experts are
-    toks = torch.randint(0, cfg.vocab_size, (2, 37), generator=g)
+    toks = torch.randint(0, cfg.vocab_size, (2, PACK_ROWS // 2), generator=g)
     full = model(toks, torch.zeros(2, dtype=torch.long))[0]  # [2,37,V]
     steps = [model(toks[:, t : t + 1], torch.tensor([t, t]))[0] for t in range(toks.shape[1])]
     diff = (full - torch.cat(steps, 1)).abs().max().item()

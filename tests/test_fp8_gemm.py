@@ -3,8 +3,9 @@ dsv3_moe_fp8) on every kernel variant this CPU runs: against float64 products wi
 dequantized weights, on fresh random inputs (the seed is in every failure message) at ragged
 shapes; every code (subnormals, NaN) converted exactly; rows independent of the rows computed with
 them (the few-row path that converts codes in registers and the many-row path through a cached
-buffer give the same bits); splits across threads keep the bits; and the fallback to the
-reference for weights the kernel cannot take."""
+buffer give the same bits); a prefill's packed product (more than PACK_ROWS rows) against float64
+too; splits across threads keep the bits; and the fallback to the reference for weights the
+kernel cannot take."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dsv3cli import ops as ops_mod
 from dsv3cli.config import load_preset
 from dsv3cli.fp8 import _code_values_ref, quantize_weight
 from dsv3cli.model import MoE
-from dsv3cli.ops import Runtime
+from dsv3cli.ops import PACK_ROWS, Runtime
 from dsv3cli.parallel import Dist, Linear, Scratch
 
 SEED = int.from_bytes(os.urandom(4), "little")
@@ -107,6 +108,34 @@ def test_every_code_is_read_exactly(variant):
         assert int(nan.sum()) == 2 and bool(y[nan].isnan().all()), variant
         wrong = (y[~nan].double() != ref[~nan]).nonzero().flatten()
         assert len(wrong) == 0, f"{variant}, {M} rows: codes {wrong.tolist()}"
+    # the packed product: each code times its scale in float32, exactly here, summed in order
+    y = c_ops(variant, torch.float32, exact=False)._prefill_product(torch.ones(PACK_ROWS + 1, K), lin.weight,
+                                                                     lin.weight_scale_inv)[-1]
+    assert bool(y[nan].isnan().all()), variant
+    wrong = (y[~nan].double() != ref[~nan]).nonzero().flatten()
+    assert len(wrong) == 0, f"{variant}, packed: codes {wrong.tolist()}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp8_prefill_takes_the_packed_product(variant, monkeypatch):
+    """A prefill's FP8 products of more than PACK_ROWS rows where the C kernels do every product
+    (bfloat16 without bfloat16 dot products): the packed product, from the codes, against float64
+    at ragged shapes; its rows independent of one another (not of their number: fewer rows take
+    the row kernels); the bits kept across thread splits."""
+    ops = c_ops(variant, BF16, exact=False)
+    if not ops.all_products:
+        pytest.skip(f"{variant}: bfloat16 dot products in hardware, a prefill dequantizes for oneDNN")
+    monkeypatch.setattr(ops_mod, "PARALLEL_MACS", 1)  # split even these small calls
+    g = torch.Generator().manual_seed(SEED)
+    for N, K, M in [(130, 300, PACK_ROWS + 1), (257, 128, 40), (64, 1000, 23), (200, 77, 70), (17, 16, 30), (300, 2100, 19)]:
+        lin = fp8_linear(torch.randn(N, K, generator=g) / K**0.5)
+        x = torch.randn(M, K, generator=g).to(BF16)
+        y = ops.linear(x, lin)
+        msg = f"seed {SEED}, {variant}, N {N} K {K} M {M}"
+        check(y, x, dense(lin), msg)
+        assert torch.equal(ops.linear(x[M - PACK_ROWS - 1 :], lin), y[M - PACK_ROWS - 1 :]), f"{msg}: rows differ"
+        for threads in (2, 3):
+            assert torch.equal(c_ops(variant, BF16, threads=threads, exact=False).linear(x, lin), y), f"{msg}: {threads} threads"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
