@@ -118,6 +118,11 @@ class Runtime:
             return {e: CpuOps(self, e, self.cpu) for e in (False, True)}
         return {e: TorchOps(self, e and self.device.type == "cpu") for e in (False, True)}
 
+    @functools.cached_property
+    def kept_weights(self) -> weakref.WeakKeyDictionary:
+        """Dequantized copies of small FP8 weights that every step reads whole (TorchOps.kv_b)."""
+        return weakref.WeakKeyDictionary()
+
     def ops(self, exact: bool) -> "TorchOps":
         """The backend of one forward; `exact`: rows must not depend on each other."""
         return self._backends[exact]
@@ -188,6 +193,18 @@ class TorchOps:
         w = self.dequantize(lin.weight, lin.weight_scale_inv, dtype, buf)
         return w[lin.row_off : lin.row_off + lin.out_features, lin.col_off : lin.col_off + lin.in_features]
 
+    def kv_b(self, m: "MLA", dtype: torch.dtype) -> torch.Tensor:
+        """The absorbed attention's kv_b_proj weight [H*(nope+vdim), C] in `dtype`. An FP8 one is
+        dequantized once and kept by the runtime (the same numbers): each step reads all of it,
+        and dequantizing it again cost a decode step ~10 ms a layer at DeepSeek-V3's widths."""
+        lin = m.kv_b_proj
+        if not lin.is_fp8:
+            return self.dense_weight(lin, dtype)
+        w = self.rt.kept_weights.get(lin)
+        if w is None or w.dtype != dtype:
+            w = self.rt.kept_weights[lin] = self.dense_weight(lin, dtype).contiguous().clone()
+        return w
+
     def linear(self, x: torch.Tensor, lin: "Linear") -> torch.Tensor:
         """x [..., in] -> x Wᵀ [..., out] over lin's part of the weight (dense or FP8)."""
         if lin.is_fp8 and x.is_cuda and lin.whole:
@@ -229,7 +246,7 @@ class TorchOps:
         q_pe, k_pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), at.cos, at.sin).split([m.h, 1], dim=2)
         new = torch.cat([self.rms_norm(latent, m.kv_a_layernorm.weight, m.kv_a_layernorm.eps), k_pe.squeeze(2)], dim=-1)
         m.kv_cache.view(-1, new.shape[-1]).index_copy_(0, at.slots, new.view(-1, new.shape[-1]))
-        w = self.dense_weight(m.kv_b_proj, q.dtype).view(m.h, m.nope + m.vdim, m.c)
+        w = self.kv_b(m, q.dtype).view(m.h, m.nope + m.vdim, m.c)
         wk, wv = w[:, : m.nope], w[:, m.nope :]  # [H,nope,C], [H,vdim,C]
         pos = at.pos.tolist()
         rows = 1 if self.exact else max(1, m.score_budget // (m.h * at.S))
@@ -443,7 +460,7 @@ class CpuOps(TorchOps):
         if not (self.exact or self.all_products) or not (q.is_contiguous() and kva.is_contiguous()):
             return super().mla_absorbed(m, q, kva, at)
         B, T = q.shape[:2]
-        w = self.dense_weight(m.kv_b_proj, q.dtype)
+        w = self.kv_b(m, q.dtype)
         if not w.is_contiguous():
             w = w.contiguous()
         out = q.new_empty(B, T, m.h, m.vdim)

@@ -189,18 +189,21 @@ static int64_t swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const
  * (in the compute dtype), `fn` computing the expert's float32 output rows for a group, added with
  * the token's routing weight into float32 sums rounded once at the end (with out_f32, y is float32
  * and gets the sums unrounded). Groups hold ROWS tokens, each a product of the nt kernels; in a
- * prefill (`prefill`), an expert with at least PK_ROWS tokens takes them PK_GROUP at a time through
+ * prefill (`prefill`), an expert with at least pk_rows tokens takes them PK_GROUP at a time through
  * pk_product instead (faster with many rows, but its sums run in another order, and which experts
  * take it depends on the other tokens: no forward that must match single-token steps uses it).
  * `work_floats` is the scratch fn needs per row of a group. Returns 0, or -1 when scratch memory
  * cannot be had (y is untouched then). */
 #define ROWS 16
-#define PK_ROWS 24
 #define PK_GROUP 256
+/* pk_rows where pk_product overtakes the nt kernels (Zen 3, 7168 x 2048): bfloat16, 16 rows;
+ * FP8, whose nt kernel converts every code for every row group, 8 */
+#define PK_ROWS_DENSE 16
+#define PK_ROWS_FP8 8
 typedef int64_t (*expert_fn)(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work, int pk);
 static int64_t moe_drive(int bf16, const void *x, const int64_t *idx, const float *wt, void *y, int64_t N, int64_t Kx,
-                         int64_t D, int64_t lo, int64_t hi, int shared, int out_f32, int prefill, int64_t work_floats,
-                         expert_fn fn, const void *ctx) {
+                         int64_t D, int64_t lo, int64_t hi, int shared, int out_f32, int prefill, int64_t pk_rows,
+                         int64_t work_floats, expert_fn fn, const void *ctx) {
     size_t es = bf16 ? 2 : 4;
     int64_t nacc = out_f32 ? 0 : N * D, G = prefill ? PK_GROUP : ROWS;
     int64_t *tok = malloc((size_t)G * sizeof(int64_t) + (size_t)(nacc + G * (work_floats + D + 1)) * sizeof(float) +
@@ -218,7 +221,7 @@ static int64_t moe_drive(int bf16, const void *x, const int64_t *idx, const floa
                     count++;
                     break;
                 }
-        int pk = prefill && count >= PK_ROWS;
+        int pk = prefill && count >= pk_rows;
         int64_t group = pk ? PK_GROUP : ROWS;
         while (n < N && !rc) {
             int64_t r = 0;
@@ -276,7 +279,7 @@ int64_t dsv3_moe(int bf16, const void *x, const int64_t *idx, const float *wt, c
                  const void *sd, int64_t Is, int out_f32, int prefill) {
     struct dense_experts c = {bf16, w13, w2, sg, su, sd, D, I, sg ? Is : 0, lo};
     int64_t Im = c.Is > I ? c.Is : I;
-    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sg != NULL, out_f32, prefill, D + 3 * Im, dense_expert, &c);
+    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sg != NULL, out_f32, prefill, PK_ROWS_DENSE, D + 3 * Im, dense_expert, &c);
 }
 
 /* FP8 experts: each weight as E4M3 codes with its 128x128 block scales, by address: six per
@@ -316,7 +319,7 @@ int64_t dsv3_moe_fp8(int bf16, const void *x, const int64_t *idx, const float *w
                      int prefill) {
     struct fp8_experts c = {ptr, sp, bf16, D, I, sp ? Is : 0, lo};
     int64_t Im = c.Is > I ? c.Is : I;
-    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sp != NULL, out_f32, prefill, D + 3 * Im, fp8_expert, &c);
+    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sp != NULL, out_f32, prefill, PK_ROWS_FP8, D + 3 * Im, fp8_expert, &c);
 }
 
 /* y[i] = round(parts[0][i] + parts[1][i] + ... + parts[P-1][i]), added left to right in float32

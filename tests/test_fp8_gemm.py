@@ -208,3 +208,20 @@ def test_fp8_experts_in_one_call_match_the_reference(variant, dtype, parts):
             assert err <= tol * ref.abs().max().item(), f"{msg}: max error {err:.3g}"
             for n in (0, N - 1):
                 assert torch.equal(ops.moe_experts(m, x[n : n + 1], w[n : n + 1], idx[n : n + 1]), y[n : n + 1]), msg
+
+
+def test_an_fp8_kv_b_is_dequantized_once_per_runtime():
+    """The absorbed attention reads kv_b_proj whole every step: an FP8 one is dequantized once and
+    kept by the runtime, with the numbers of a fresh dequantization; a dense one is the parameter."""
+    import types
+
+    g = torch.Generator().manual_seed(SEED)
+    lin = fp8_linear(torch.randn(256, 130, generator=g))
+    rt = Runtime(dtype=BF16, kernels=False)
+    m = types.SimpleNamespace(kv_b_proj=lin)
+    w = rt.ops(True).kv_b(m, BF16)
+    assert torch.equal(w, rt.ops(True).dense_weight(lin, BF16)), f"seed {SEED}"
+    assert rt.ops(False).kv_b(m, BF16) is w and rt.ops(True).kv_b(m, BF16) is w
+    assert Runtime(dtype=BF16, kernels=False).ops(True).kv_b(m, BF16) is not w  # per runtime
+    dense = Linear(130, 256, dtype=BF16)
+    assert rt.ops(True).kv_b(types.SimpleNamespace(kv_b_proj=dense), BF16) is dense.weight
