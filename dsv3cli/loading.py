@@ -29,7 +29,7 @@ from .fp8_format import BLOCK, F8
 from .fp8_format import SCALE_SUFFIX as SCALE
 from .model import Transformer
 from .ops import Runtime
-from .parallel import Dist, block_cover, split_range
+from .parallel import Dist, Linear, block_cover, split_range
 from .parallel import resolve_dtype
 
 # How each tensor is split, by HF name (first match wins). The scale of an FP8 weight follows its
@@ -167,6 +167,9 @@ def load_model(
             if progress is not None:
                 progress(i + 1, len(plan))
     ck.close()
+    for m in model.modules():  # every FP8 tensor went through _check_finite above
+        if isinstance(m, Linear) and m.is_fp8:
+            m.codes_checked = True
     return model
 
 

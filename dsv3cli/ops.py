@@ -119,6 +119,11 @@ class Runtime:
         return {e: TorchOps(self, e and self.device.type == "cpu") for e in (False, True)}
 
     @functools.cached_property
+    def nan_free(self) -> weakref.WeakKeyDictionary:
+        """FP8 weights scanned for NaN codes (CpuOps._fp8_ready): weight -> none found."""
+        return weakref.WeakKeyDictionary()
+
+    @functools.cached_property
     def kept_weights(self) -> weakref.WeakKeyDictionary:
         """Dequantized copies of small FP8 weights that every step reads whole (TorchOps.kv_b)."""
         return weakref.WeakKeyDictionary()
@@ -434,11 +439,21 @@ class CpuOps(TorchOps):
         blocks = (cdiv(q.shape[0], BLOCK), cdiv(q.shape[1], BLOCK))
         why = ("a tensor-parallel part not aligned to 128" if not lin.whole else
                f"scales {tuple(s.shape)} are not 128x128 blocks of {tuple(q.shape)}" if tuple(s.shape) != blocks or
-               s.dtype != torch.float32 or not (q.is_contiguous() and s.is_contiguous()) else None)
+               s.dtype != torch.float32 or not (q.is_contiguous() and s.is_contiguous()) else
+               "it has NaN codes (the kernels read codes as numbers only)" if not self._nan_free(lin) else None)
         if why and self.rt.debug and lin not in self._told:
             self._told.add(lin)
             print(f"dsv3 ops: an FP8 weight {tuple(q.shape)} takes the reference path: {why}", file=sys.stderr)
         return why is None
+
+    def _nan_free(self, lin: "Linear") -> bool:
+        """No NaN code in lin's weight: known for loaded weights (loading refuses them), else
+        scanned once per runtime."""
+        if lin.codes_checked:
+            return True
+        if lin not in self.rt.nan_free:
+            self.rt.nan_free[lin] = not bool(((lin.weight.view(torch.uint8) & 0x7F) == 0x7F).any())
+        return self.rt.nan_free[lin]
 
     # ---- norms -------------------------------------------------------------------------------
 

@@ -213,6 +213,7 @@ class Linear(nn.Module):
             scale = torch.ones(-(-(r1 - r0) // BLOCK), -(-(c1 - c0) // BLOCK), dtype=torch.float32)
             self.register_buffer("weight_scale_inv", scale)
             self.scratch = scratch or Scratch()
+            self.codes_checked = False  # no NaN code in weight: set by the loader, which refuses them
         else:
             self.row_off = self.col_off = 0
             self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=dtype), requires_grad=False)

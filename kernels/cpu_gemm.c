@@ -263,8 +263,9 @@ static inline __m128 hsum8x4(const __m256 *v) {
 #define LOAD_F32(p, l, h) (l = _mm256_loadu_ps(p), h = _mm256_loadu_ps((p) + 8))
 #define LOAD_FP8(p, l, h)                                                                                        \
     do {                                                                                                         \
-        __m256i t_ = fp8_half_bits(_mm_loadu_si128((const __m128i *)(p)));                                      \
-        l = _mm256_cvtph_ps(_mm256_castsi256_si128(t_)), h = _mm256_cvtph_ps(_mm256_extracti128_si256(t_, 1));  \
+        __m128i a_, b_;                                                                                          \
+        fp8_halves(_mm_loadu_si128((const __m128i *)(p)), &a_, &b_);                                             \
+        l = _mm256_cvtph_ps(a_), h = _mm256_cvtph_ps(b_);                                                        \
     } while (0)
 #define LOAD_BF16(p, l, h)                                                                                       \
     do {                                                                                                         \
@@ -543,8 +544,9 @@ static inline void tr8(__m256 *r) {
 static inline __m256 pk_load8(int wtype, const void *w, int64_t off) {
     if (wtype == PK_F32) return _mm256_loadu_ps((const float *)w + off);
     if (wtype == PK_BF16) return ld8_bf16((const uint16_t *)w + off);
-    __m128i c = _mm_loadl_epi64((const __m128i *)((const uint8_t *)w + off));
-    return _mm256_cvtph_ps(_mm256_castsi256_si128(fp8_half_bits(c)));
+    __m128i lo, hi;
+    fp8_halves(_mm_loadl_epi64((const __m128i *)((const uint8_t *)w + off)), &lo, &hi);
+    return _mm256_cvtph_ps(lo);
 }
 #endif
 
