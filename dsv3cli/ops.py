@@ -56,10 +56,10 @@ PARALLEL_MACS = 1 << 20
 SMALL_ROWS = 32
 # A prefill's products of more rows than this, where the C kernels do all the products, take
 # cpu_gemm.c's packed product (dsv3_gemm_prefill: weight panels converted into cache, FP8 codes
-# included, then multiply-add bound tiles; Zen 3, one core, 128 rows: 28 against 17 G
-# multiply-adds/s); fewer rows stream the weight through the row kernels. Elsewhere a prefill's
-# FP8 products of more rows dequantize the weight into the model's scratch buffer for torch's
-# product. Decode and verification always take the row kernels (their bits equal a single step's).
+# included, then multiply-add bound tiles; Zen 3, one core, 128 rows by 7168: 37-40 against
+# 21-25 G multiply-adds/s); fewer rows stream the weight through the row kernels. Elsewhere a
+# prefill's FP8 products of more rows dequantize the weight into the model's scratch buffer for
+# torch's product. Decode and verification always take the row kernels (a single step's bits).
 PACK_ROWS = 16
 MLA_WRITE, MLA_ATTEND = 1, 2  # dsv3_mla's steps: the cache entries, the attention
 # A prefill's attention runs in parts of at most this many tokens (their scores stay in cache),
@@ -333,11 +333,13 @@ class TorchOps:
 
 class CpuOps(TorchOps):
     """The C kernels (kernels/cpu_gemm.c, cpu_ops.c, cpu_fp8.c) where they apply, the reference
-    where they do not (other dtypes, strided inputs, FP8 experts, V2's router, a prefill's
-    large products where oneDNN is faster). Each choice depends on the forward's kind and on
-    shapes that a decode step and a verification share, never on the number of rows, so both
-    take the same path. Large calls are split across the runtime's threads; the split never
-    changes a result."""
+    where they do not (other dtypes, strided inputs, FP8 weights the kernels cannot take, V2's
+    router, a prefill's large products where oneDNN is faster). A prefill's large products on
+    AVX2 take the packed product (PACK_ROWS), whose sums run in another order than the row
+    kernels'. In an exact forward (a decode step, a verification) each choice depends on shapes
+    that a step and a verification share, never on the number of rows, so both take the same
+    path. Large calls are split across the runtime's threads; the split never changes a
+    result."""
 
     name = "cpu"
 
@@ -360,7 +362,7 @@ class CpuOps(TorchOps):
 
     def _packed(self, rows: int) -> bool:
         """Whether a product of `rows` rows takes the packed prefill product (see PACK_ROWS)."""
-        return not self.exact and self.all_products and rows > PACK_ROWS
+        return not self.exact and self.all_products and self.kern.packed_prefill and rows > PACK_ROWS
 
     def _prefill_product(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         """x [..., K] . wᵀ through dsv3_gemm_prefill: w [N,K] in x's dtype, or FP8 codes with their
@@ -562,9 +564,7 @@ class CpuOps(TorchOps):
                                              shared_table.data_ptr() if with_shared else None, out, t1 - t0, K, D, I,
                                              lo, hi, Is if with_shared else 0, int(f32), packed)
 
-        # a prefill's experts of many tokens take the packed product (moe_drive), but for bfloat16
-        # weights on a CPU whose bfloat16 dot products beat it
-        packed = int(not self.exact and not (fp8 is None and x.dtype == BF16 and self.kern.native_bf16))
+        packed = int(not self.exact and self.kern.packed_prefill)  # a prefill's experts of many tokens (moe_drive)
         threads = self.threads_for(N * 3 * D * (K * I + Is))
         P = moe.expert_parts
         if P == 1:  # one part: tokens across threads, one run each (each reads every expert's weights)

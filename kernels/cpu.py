@@ -68,9 +68,9 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_f32_to_e4m3": (None, (_p, _p, _i64)),
     # bf16, nn, x, w, y, B, H, M, N, K, sxb, sxh, sxm, swb, swh, sw, syb, syh, sym -> 0, or -1 without memory
     "dsv3_gemm": (_i64, (ctypes.c_int, ctypes.c_int, _p, _p, _p) + (_i64,) * 14),
-    # bf16, x, idx, wt, w13, w2, y, N, K, D, I, lo, hi, sg, su, sd, Is, out_f32 -> 0, or -1 without memory
+    # bf16, x, idx, wt, w13, w2, y, N, K, D, I, lo, hi, sg, su, sd, Is, out_f32, prefill -> 0, or -1 without memory
     "dsv3_moe": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 6 + (_p, _p, _p, _i64, ctypes.c_int, ctypes.c_int)),
-    # bf16, x, idx, wt, ptr, sp, y, N, K, D, I, lo, hi, Is, out_f32 -> 0, or -1 without memory
+    # bf16, x, idx, wt, ptr, sp, y, N, K, D, I, lo, hi, Is, out_f32, prefill -> 0, or -1 without memory
     "dsv3_moe_fp8": (_i64, (ctypes.c_int, _p, _p, _p, _p, _p, _p) + (_i64,) * 7 + (ctypes.c_int, ctypes.c_int)),
     # parts, P, n, y, bf16
     "dsv3_sum_f32": (None, (_p, _i64, _i64, _p, ctypes.c_int)),
@@ -84,6 +84,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_mtp_entry": (_i64, (_p, _p, _i64, _p, _p, ctypes.c_float, _p, ctypes.c_float, _p, _p, _i64, _i64)),
     # bf16, x, ldx, q, s, y, ldy, M, K, n0, n1 -> 0, or -1 without memory
     "dsv3_fp8_gemm": (_i64, (ctypes.c_int, _p, _i64, _p, _p, _p, _i64) + (_i64,) * 4),
+    # bf16, wtype (0 float32, 1 bfloat16, 2 FP8), x, ldx, w, ldw, s, y, ldy, M, K, n0, n1 -> 0, or -1 without memory
     "dsv3_gemm_prefill": (_i64, (ctypes.c_int, ctypes.c_int, _p, _i64, _p, _i64, _p, _p) + (_i64,) * 5),
     # x, y, n (float32): the vectorised e^x the softmax, SwiGLU and router use, for its tests
     "dsv3_exp": (None, (_p, _p, _i64)),
@@ -162,6 +163,10 @@ class CpuKernels:
         # its float32 speed (measured on Zen 3: 4.6 vs 33 G multiply-adds/s) and ours win at
         # every size.
         self.native_bf16 = bool(lib.dsv3_native_bf16())
+        # cpu_gemm.c's packed prefill products beat the row kernels from ~16 rows on AVX2 (Zen 3:
+        # 37-40 against 21-25 G multiply-adds/s at 128 rows); other builds pack their panels with
+        # scalar code and are unmeasured, so they keep the row kernels (the tests still run both).
+        self.packed_prefill = variant == "avx2"
 
     def dequantize(self, q: int, s: int, out: int, rows: int, cols: int, *, out_f32: bool = False,
                    workers: int | None = None) -> None:

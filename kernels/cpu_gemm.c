@@ -503,14 +503,12 @@ int64_t dsv3_fp8_gemm(int bf16, const void *x, int64_t ldx, const uint8_t *q, co
  * why only forwards that need no bit-equality with single-row steps (a prefill) use this. */
 #define PK_KC 384 /* k per packed panel: PK_KC * PK_NR floats stay in L1 */
 #define PK_MC 192 /* rows of x per block: PK_MC * PK_KC floats stay in L2 */
-#ifdef DSV3_AVX2
 #define PK_NR 16
+#ifdef DSV3_AVX2
 #define PK_MR 6 /* 12 accumulators of 8 lanes, 2 packed vectors and a broadcast in 16 registers */
 #elif defined(__AVX512F__)
-#define PK_NR 16
-#define PK_MR 8
+#define PK_MR 8 /* 8 accumulators of 16 lanes: enough chains to cover the multiply-add latency */
 #else
-#define PK_NR 16
 #define PK_MR 4
 #endif
 

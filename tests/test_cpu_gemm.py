@@ -419,14 +419,16 @@ def _model(cfg, runtime: Runtime, gen: torch.Generator) -> Transformer:
 
 def _decode_logits(cfg, runtime: Runtime) -> torch.Tensor:
     """A prefill, then forwards of 1, 3, 2, 1 tokens for two sequences at different positions
-    (exact forwards: decode- and verification-sized) -> their logits. The routing bias spreads
-    the experts far apart, so that rounding cannot flip an expert choice between the dtypes
-    compared (a flip changes the logits by far more than rounding; the router has tests of its
-    own)."""
+    (exact forwards: decode- and verification-sized) -> their logits. The routing bias (4 times
+    distinct powers of two) makes every expert's and every group's top-two sum differ by more
+    than sigmoid scores (0..1 each) can, so the bias alone decides the choice and rounding cannot
+    flip it between the dtypes compared (a flip changes the logits by far more than rounding; the
+    router has tests of its own). Evenly spaced biases let two groups tie (seed 1024164157)."""
     model = _model(cfg, runtime, torch.Generator().manual_seed(SEED))
     for m in model.modules():
         if isinstance(m, MoE):
-            m.gate.e_score_correction_bias.copy_(torch.randperm(m.gate.weight.shape[0], generator=torch.Generator().manual_seed(SEED)).float())
+            perm = torch.randperm(m.gate.weight.shape[0], generator=torch.Generator().manual_seed(SEED))
+            m.gate.e_score_correction_bias.copy_(4 * 2.0**perm)
     model(torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(SEED)),
           torch.zeros(2, dtype=torch.long))
     out, pos = [], torch.tensor([13, 10])
@@ -442,7 +444,7 @@ def _decode_logits(cfg, runtime: Runtime) -> torch.Tensor:
 def test_attention_c_path_matches_torch_path(dtype, variant):
     """Decode- and MTP-verification-sized forwards (attention through dsv3_mla, and the other
     kernels) against the torch path. float32: equal to 1e-5. bfloat16: both compared with the
-    float32 model, the C path no further from it than the torch path (rounding differs, not math)."""
+    float32 model, the C path about as far from it as the torch path (rounding differs, not math)."""
     cfg = load_preset("tiny").replace(**ATTN)
     assert Runtime(dtype=dtype, variant=variant).ops(True).name == "cpu"
     c = _decode_logits(cfg, Runtime(dtype=dtype, variant=variant))
@@ -456,7 +458,9 @@ def test_attention_c_path_matches_torch_path(dtype, variant):
         assert rel(c) <= 1e-5, f"seed {SEED}, {variant}: max relative error {rel(c):.3g}"
     else:
         exact = _decode_logits(cfg, Runtime(dtype=torch.float32, kernels=False))
-        assert rel(c) <= 1.5 * rel(ref) + 2e-3, f"seed {SEED}, {variant}: C path {rel(c):.3g} from float32, torch path {rel(ref):.3g}"
+        # over 50 seeds the ratio ran 0.64-2.0 (maximum errors of one rounding each); a wrong
+        # operation or routing flip is 10x or more
+        assert rel(c) <= 3 * rel(ref) + 2e-3, f"seed {SEED}, {variant}: C path {rel(c):.3g} from float32, torch path {rel(ref):.3g}"
 
 
 @variants
