@@ -586,8 +586,9 @@ static inline void pk_prefetch(int wtype, const void *w, int64_t ldw, int64_t n,
     }
 }
 
-/* c [MB][PK_NR] (rows ldc apart) (+)= a [kc][MB] (k lda apart: a packed block) . bp [kc][PK_NR]; the accumulators
- * are named variables: as an array GCC kept them in memory, storing each after every step */
+/* c [MB][PK_NR] (rows ldc apart) (+)= a [kc][PK_MR] (a packed tile, its first MB rows) . bp [kc][PK_NR];
+ * the accumulators are named variables: as an array GCC kept them in memory, storing each after
+ * every step */
 #ifdef DSV3_AVX2
 #define PK_ROW(i, F)                                                                                             \
     if (MB > i) F(i)
@@ -597,11 +598,11 @@ static inline void pk_prefetch(int wtype, const void *w, int64_t ldw, int64_t n,
 #define PK_STORE(i) _mm256_storeu_ps(c + i * ldc, c##i##a), _mm256_storeu_ps(c + i * ldc + 8, c##i##b)
 #define PK_STEP(i)                                                                                               \
     do {                                                                                                         \
-        __m256 av = _mm256_broadcast_ss(a + k * lda + i);                                                        \
+        __m256 av = _mm256_broadcast_ss(a + k * PK_MR + i);                                                      \
         c##i##a = _mm256_fmadd_ps(av, b0, c##i##a), c##i##b = _mm256_fmadd_ps(av, b1, c##i##b);                  \
     } while (0)
-static inline __attribute__((always_inline)) void pk_tile(const float *a, int64_t lda, const float *bp, int64_t kc,
-                                                          float *c, int64_t ldc, int first, const int MB) {
+static inline __attribute__((always_inline)) void pk_tile(const float *a, const float *bp, int64_t kc, float *c,
+                                                          int64_t ldc, int first, const int MB) {
     __m256 c0a, c0b, c1a, c1b, c2a, c2b, c3a, c3b, c4a, c4b, c5a, c5b;
     PK_ROWS(PK_INIT);
     for (int64_t k = 0; k < kc; k++) {
@@ -611,21 +612,21 @@ static inline __attribute__((always_inline)) void pk_tile(const float *a, int64_
     PK_ROWS(PK_STORE);
 }
 #else
-static inline __attribute__((always_inline)) void pk_tile(const float *a, int64_t lda, const float *bp, int64_t kc,
-                                                          float *c, int64_t ldc, int first, const int MB) {
+static inline __attribute__((always_inline)) void pk_tile(const float *a, const float *bp, int64_t kc, float *c,
+                                                          int64_t ldc, int first, const int MB) {
     v16f acc[PK_MR];
     for (int i = 0; i < MB; i++) acc[i] = first ? (v16f){0} : ld_f32(c + i * ldc);
     for (int64_t k = 0; k < kc; k++) {
         v16f b = ld_f32(bp + k * PK_NR);
-        for (int i = 0; i < MB; i++) acc[i] += ((v16f){0} + a[k * lda + i]) * b;
+        for (int i = 0; i < MB; i++) acc[i] += ((v16f){0} + a[k * PK_MR + i]) * b;
     }
     for (int i = 0; i < MB; i++) memcpy(c + i * ldc, &acc[i], sizeof(v16f));
 }
 #endif
 #define PK_TILE_FN(MB)                                                                                           \
-    static __attribute__((noinline)) void pk_tile_##MB(const float *a, int64_t lda, const float *bp, int64_t kc, \
-                                                       float *c, int64_t ldc, int first) {                       \
-        pk_tile(a, lda, bp, kc, c, ldc, first, MB);                                                              \
+    static __attribute__((noinline)) void pk_tile_##MB(const float *a, const float *bp, int64_t kc, float *c,    \
+                                                       int64_t ldc, int first) {                                 \
+        pk_tile(a, bp, kc, c, ldc, first, MB);                                                                   \
     }
 PK_TILE_FN(1) PK_TILE_FN(2) PK_TILE_FN(3) PK_TILE_FN(4)
 #if PK_MR > 4
@@ -634,7 +635,7 @@ PK_TILE_FN(5) PK_TILE_FN(6)
 #if PK_MR > 6
 PK_TILE_FN(7) PK_TILE_FN(8)
 #endif
-typedef void (*pk_tile_fn)(const float *, int64_t, const float *, int64_t, float *, int64_t, int);
+typedef void (*pk_tile_fn)(const float *, const float *, int64_t, float *, int64_t, int);
 static const pk_tile_fn pk_tiles[PK_MR] = {pk_tile_1, pk_tile_2, pk_tile_3, pk_tile_4,
 #if PK_MR > 4
                                            pk_tile_5, pk_tile_6,
@@ -644,13 +645,14 @@ static const pk_tile_fn pk_tiles[PK_MR] = {pk_tile_1, pk_tile_2, pk_tile_3, pk_t
 #endif
 };
 
-/* y [M, n1-n0] (float32, rows ldy apart) = x [M,K] (float32, rows ldx apart) . w[n0:n1]^T, w [N,K]
+/* y [M, n1-n0] (float32, rows ldy apart) = x [M,K] (bfloat16 when xbf16, else float32; rows ldx
+ * apart, converted as they are packed) . w[n0:n1]^T, w [N,K]
  * (rows ldw apart) float32, bfloat16 or E4M3 codes with 128x128 block scales s [ceil(N/128),
  * ceil(K/128)] (wtype). See the top of this section for the semantics. A last partial panel of
  * outputs accumulates in a buffer of whole panels. Returns 0, or -1 when scratch memory cannot be
  * had. */
-DSV3_HIDDEN int64_t pk_product(const float *x, int64_t ldx, int64_t M, int64_t K, int wtype, const void *w, int64_t ldw,
-                               const float *s, int64_t n0, int64_t n1, float *y, int64_t ldy) {
+DSV3_HIDDEN int64_t pk_product(const void *x, int xbf16, int64_t ldx, int64_t M, int64_t K, int wtype, const void *w,
+                               int64_t ldw, const float *s, int64_t n0, int64_t n1, float *y, int64_t ldy) {
     float *bp = malloc((size_t)(PK_KC + PK_MC) * PK_NR * sizeof(float) + (size_t)PK_MC * PK_KC * sizeof(float) + 64);
     if (!bp) return -1;
     float *part = bp + PK_KC * PK_NR; /* [PK_MC][PK_NR]: the partial panel's sums */
@@ -665,7 +667,9 @@ DSV3_HIDDEN int64_t pk_product(const float *x, int64_t ldx, int64_t M, int64_t K
             int64_t kc = K - k0 < PK_KC ? K - k0 : PK_KC;
             for (int64_t m = m0; m < m1; m++) {
                 float *t = ap + (m - m0) / PK_MR * kc * PK_MR + (m - m0) % PK_MR;
-                for (int64_t k = 0; k < kc; k++) t[k * PK_MR] = x[m * ldx + k0 + k];
+                const void *xr = xbf16 ? (const void *)((const uint16_t *)x + m * ldx + k0) : (const float *)x + m * ldx + k0;
+                for (int64_t k = 0; k < kc; k++)
+                    t[k * PK_MR] = xbf16 ? bf16_f32(((const uint16_t *)xr)[k]) : ((const float *)xr)[k];
             }
             for (int64_t n = n0; n < n1; n += PK_NR) {
                 pk_prefetch(wtype, w, ldw, n + 2 * PK_NR, n1, k0, kc);
@@ -673,8 +677,8 @@ DSV3_HIDDEN int64_t pk_product(const float *x, int64_t ldx, int64_t M, int64_t K
                 float *c = n < nfull ? y + m0 * ldy + (n - n0) : part;
                 int64_t ldc = n < nfull ? ldy : PK_NR, m = m0;
                 for (; m + PK_MR <= m1; m += PK_MR)
-                    pk_tiles[PK_MR - 1](ap + (m - m0) * kc, PK_MR, bp, kc, c + (m - m0) * ldc, ldc, k0 == 0);
-                if (m < m1) pk_tiles[m1 - m - 1](ap + (m - m0) * kc, PK_MR, bp, kc, c + (m - m0) * ldc, ldc, k0 == 0);
+                    pk_tiles[PK_MR - 1](ap + (m - m0) * kc, bp, kc, c + (m - m0) * ldc, ldc, k0 == 0);
+                if (m < m1) pk_tiles[m1 - m - 1](ap + (m - m0) * kc, bp, kc, c + (m - m0) * ldc, ldc, k0 == 0);
             }
         }
         for (int64_t m = m0; m < m1 && nfull < n1; m++)
@@ -690,15 +694,13 @@ DSV3_HIDDEN int64_t pk_product(const float *x, int64_t ldx, int64_t M, int64_t K
 int64_t dsv3_gemm_prefill(int bf16, int wtype, const void *x, int64_t ldx, const void *w, int64_t ldw, const float *s,
                           void *y, int64_t ldy, int64_t M, int64_t K, int64_t n0, int64_t n1) {
     int64_t n = n1 - n0;
-    float *xf = malloc((size_t)(M * K + M * n) * sizeof(float) + 64);
-    if (!xf) return -1;
-    float *yf = xf + M * K;
-    to_f32(x, bf16, ldx, M, K, xf);
-    int64_t rc = pk_product(xf, K, M, K, wtype, w, ldw, s, n0, n1, yf, n);
+    float *yf = malloc((size_t)(M * n) * sizeof(float) + 64);
+    if (!yf) return -1;
+    int64_t rc = pk_product(x, bf16, ldx, M, K, wtype, w, ldw, s, n0, n1, yf, n);
     if (!rc) {
         size_t es = bf16 ? 2 : 4;
         for (int64_t m = 0; m < M; m++) store(yf + m * n, (char *)y + (m * ldy + n0) * es, bf16, n);
     }
-    free(xf);
+    free(yf);
     return rc;
 }

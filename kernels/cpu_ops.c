@@ -141,16 +141,16 @@ static void silu_mul(const float *g, const float *u, float *y, int64_t n) {
 }
 #endif
 /* out [r,D] (float32) = down(silu(gate xs) * up xs) for r gathered rows xs [r,D]; gate and up
- * [I,D] (gate and up rows), down [D,I]; scratch gu [r,2I], act [r,I] and xf [r,D] floats. With pk (a
- * prefill's expert of many tokens) the products are cpu_gemm.c's pk_product on float32 copies of
- * the inputs, with the same roundings (the activations rounded to bfloat16 for a bfloat16 down). */
+ * [I,D] (gate and up rows), down [D,I]; scratch gu [r,2I], act [r,I] floats. With pk (a prefill's
+ * expert of many tokens) the products are cpu_gemm.c's pk_product, with the same roundings (the
+ * activations rounded to bfloat16 for a bfloat16 down). */
 static int64_t swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const void *wg, const void *wu, const void *wd,
-                        int64_t I, float *gu, float *act, float *xf, int pk, float *out) {
+                           int64_t I, float *gu, float *act, int pk, float *out) {
     uint16_t *act16 = (uint16_t *)act; /* the same memory, as a bfloat16 product's input */
     int wt = bf16 ? PK_BF16 : PK_F32;
     if (pk) {
-        to_f32(xs, bf16, D, r, D, xf);
-        if (pk_product(xf, D, r, D, wt, wg, D, NULL, 0, I, gu, 2 * I) || pk_product(xf, D, r, D, wt, wu, D, NULL, 0, I, gu + I, 2 * I))
+        if (pk_product(xs, bf16, D, r, D, wt, wg, D, NULL, 0, I, gu, 2 * I) ||
+            pk_product(xs, bf16, D, r, D, wt, wu, D, NULL, 0, I, gu + I, 2 * I))
             return -1;
     } else if (bf16) {
         nt_bf16(xs, D, wg, D, gu, 2 * I, r, I, D);
@@ -172,11 +172,7 @@ static int64_t swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const
             store(a, act16 + j * I + i, 1, c);
         }
     }
-    if (pk && bf16) {
-        to_f32(act16, 1, I, r, I, gu); /* the rounded activations in float32, in gu (free now) */
-        return pk_product(gu, I, r, I, wt, wd, I, NULL, 0, D, out, D);
-    }
-    if (pk) return pk_product(act, I, r, I, wt, wd, I, NULL, 0, D, out, D);
+    if (pk) return pk_product(bf16 ? (const void *)act16 : act, bf16, I, r, I, wt, wd, I, NULL, 0, D, out, D);
     if (bf16)
         nt_bf16(act16, I, wd, I, out, D, r, D, I);
     else
@@ -260,7 +256,7 @@ static int64_t dense_expert(const void *ctx, int64_t e, const char *xs, int64_t 
         wg = c->w13 + (e - c->lo) * 2 * c->I * D * es, wu = wg + c->I * D * es;
         wd = c->w2 + (e - c->lo) * D * c->I * es;
     }
-    return swiglu_rows(c->bf16, xs, r, D, wg, wu, wd, Ie, work, work + r * 2 * Ie, work + r * 3 * Ie, pk, out);
+    return swiglu_rows(c->bf16, xs, r, D, wg, wu, wd, Ie, work, work + r * 2 * Ie, pk, out);
 }
 
 /* A MoE layer's experts for N tokens (the router's choices given):
@@ -279,7 +275,7 @@ int64_t dsv3_moe(int bf16, const void *x, const int64_t *idx, const float *wt, c
                  const void *sd, int64_t Is, int out_f32, int prefill) {
     struct dense_experts c = {bf16, w13, w2, sg, su, sd, D, I, sg ? Is : 0, lo};
     int64_t Im = c.Is > I ? c.Is : I;
-    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sg != NULL, out_f32, prefill, PK_ROWS_DENSE, D + 3 * Im, dense_expert, &c);
+    return moe_drive(bf16, x, idx, wt, y, N, Kx, D, lo, hi, sg != NULL, out_f32, prefill, PK_ROWS_DENSE, 3 * Im, dense_expert, &c);
 }
 
 /* FP8 experts: each weight as E4M3 codes with its 128x128 block scales, by address: six per
@@ -298,17 +294,17 @@ static int64_t fp8_expert(const void *ctx, int64_t e, const char *xs, int64_t r,
     float *xf = work, *gu = xf + r * D, *act = gu + r * 2 * Ie;
     const uint8_t *q[3] = {(const uint8_t *)p[0], (const uint8_t *)p[2], (const uint8_t *)p[4]};
     const float *s[3] = {(const float *)p[1], (const float *)p[3], (const float *)p[5]};
-    to_f32(xs, c->bf16, D, r, D, xf);
     if (pk) {
-        rc = pk_product(xf, D, r, D, PK_FP8, q[0], D, s[0], 0, Ie, gu, 2 * Ie);
-        rc = rc ? rc : pk_product(xf, D, r, D, PK_FP8, q[1], D, s[1], 0, Ie, gu + Ie, 2 * Ie);
+        rc = pk_product(xs, c->bf16, D, r, D, PK_FP8, q[0], D, s[0], 0, Ie, gu, 2 * Ie);
+        rc = rc ? rc : pk_product(xs, c->bf16, D, r, D, PK_FP8, q[1], D, s[1], 0, Ie, gu + Ie, 2 * Ie);
     } else {
+        to_f32(xs, c->bf16, D, r, D, xf);
         rc = fp8_product(xf, r, D, q[0], s[0], 0, Ie, gu, 2 * Ie);
         rc = rc ? rc : fp8_product(xf, r, D, q[1], s[1], 0, Ie, gu + Ie, 2 * Ie);
     }
-    for (int64_t j = 0; j < r; j++) silu_mul(gu + j * 2 * Ie, gu + j * 2 * Ie + Ie, act + j * Ie, Ie);
     if (rc) return rc;
-    return pk ? pk_product(act, Ie, r, Ie, PK_FP8, q[2], Ie, s[2], 0, D, out, D) : fp8_product(act, r, Ie, q[2], s[2], 0, D, out, D);
+    for (int64_t j = 0; j < r; j++) silu_mul(gu + j * 2 * Ie, gu + j * 2 * Ie + Ie, act + j * Ie, Ie);
+    return pk ? pk_product(act, 0, Ie, r, Ie, PK_FP8, q[2], Ie, s[2], 0, D, out, D) : fp8_product(act, r, Ie, q[2], s[2], 0, D, out, D);
 }
 
 /* dsv3_moe for FP8 experts (fp8_expert), the products straight from the codes (fp8_product, or

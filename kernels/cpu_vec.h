@@ -169,8 +169,8 @@ DSV3_HIDDEN void nt_fp8(const float *x, int64_t ldx, const uint8_t *w, int64_t l
 DSV3_HIDDEN int64_t fp8_product(const float *x, int64_t M, int64_t K, const uint8_t *q, const float *s, int64_t n0,
                                 int64_t n1, float *y, int64_t ldy);
 enum { PK_F32 = 0, PK_BF16 = 1, PK_FP8 = 2 }; /* pk_product's weight formats */
-DSV3_HIDDEN int64_t pk_product(const float *x, int64_t ldx, int64_t M, int64_t K, int wtype, const void *w, int64_t ldw,
-                               const float *s, int64_t n0, int64_t n1, float *y, int64_t ldy);
+DSV3_HIDDEN int64_t pk_product(const void *x, int xbf16, int64_t ldx, int64_t M, int64_t K, int wtype, const void *w,
+                               int64_t ldw, const float *s, int64_t n0, int64_t n1, float *y, int64_t ldy);
 DSV3_HIDDEN void to_f32(const void *x, int bf16, int64_t ldx, int64_t M, int64_t K, float *out);
 DSV3_HIDDEN void store(const float *v, void *y, int bf16, int64_t n);
 #endif
