@@ -185,15 +185,17 @@ static int64_t swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const
  * (in the compute dtype), `fn` computing the expert's float32 output rows for a group, added with
  * the token's routing weight into float32 sums rounded once at the end (with out_f32, y is float32
  * and gets the sums unrounded). Groups hold ROWS tokens, each a product of the nt kernels; in a
- * prefill (`prefill`), an expert with at least pk_rows tokens takes them PK_GROUP at a time through
+ * prefill (`prefill`), an expert with more than pk_rows tokens takes them PK_GROUP at a time through
  * pk_product instead (faster with many rows, but its sums run in another order, and which experts
  * take it depends on the other tokens: no forward that must match single-token steps uses it).
  * `work_floats` is the scratch fn needs per row of a group. Returns 0, or -1 when scratch memory
  * cannot be had (y is untouched then). */
 #define ROWS 16
 #define PK_GROUP 256
-/* pk_rows where pk_product overtakes the nt kernels (Zen 3, 7168 x 2048): bfloat16, 16 rows;
- * FP8, whose nt kernel converts every code for every row group, 8 */
+/* pk_rows: above this many tokens an expert takes pk_product, near where it overtakes the nt
+ * kernels (Zen 3, 7168 x 2048). Dense, 16: the products' cut too (dsv3cli.ops.PACK_ROWS), so a
+ * bfloat16 prefill of up to 16 tokens keeps the bits of single steps everywhere. FP8, whose nt
+ * kernel converts every code for every row group, 8 */
 #define PK_ROWS_DENSE 16
 #define PK_ROWS_FP8 8
 typedef int64_t (*expert_fn)(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work, int pk);
@@ -217,7 +219,7 @@ static int64_t moe_drive(int bf16, const void *x, const int64_t *idx, const floa
                     count++;
                     break;
                 }
-        int pk = prefill && count >= pk_rows;
+        int pk = prefill && count > pk_rows;
         int64_t group = pk ? PK_GROUP : ROWS;
         while (n < N && !rc) {
             int64_t r = 0;
