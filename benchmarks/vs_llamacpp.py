@@ -19,6 +19,9 @@ for minutes and runs for many).
   python benchmarks/vs_llamacpp.py --preset deepseek-v3 --layers 2 --experts 32   # makes the checkpoints
   python benchmarks/vs_llamacpp.py --bf16 ./ckpt-bf16 --fp8 ./ckpt-fp8 --threads 1 2 --rounds 3
   python benchmarks/vs_llamacpp.py --mini      # checkpoints/dsv3-mini, dsv3 --mtp 1 vs plain decode
+
+With --lm-head fp8, dsv3's FP8 runs hold the head as FP8 blocks too (`dsv3 generate --lm-head fp8`),
+as llama.cpp's Q8_0 holds it in 8 bits: the same bytes per weight everywhere.
 """
 
 from __future__ import annotations
@@ -124,10 +127,11 @@ def run_llama(ll: dict, gguf: Path, threads: int, prompt_len: int, new: int) -> 
 
 # ---- dsv3 -----------------------------------------------------------------------------------
 
-def run_dsv3(ckpt: Path, threads: int, prompt: list[int], new: int, mtp: int) -> dict:
+def run_dsv3(ckpt: Path, threads: int, prompt: list[int], new: int, mtp: int, lm_head: str) -> dict:
     out = sh([shutil.which("dsv3") or Path(sys.executable).parent / "dsv3", "generate", ckpt, "--prompt-ids",
               ",".join(map(str, prompt)), "--max-new-tokens", new, "--batch-size", 1, "--threads", threads,
-              "--mtp", mtp, "--max-seq-len", len(prompt) + new + 8, "--json"], capture_output=True).stdout
+              "--mtp", mtp, "--max-seq-len", len(prompt) + new + 8, "--lm-head", lm_head, "--json"],
+             capture_output=True).stdout
     s = json.loads(out)["stats"]
     return {"prefill": s["prefill_tokens_per_s"], "decode": s["decode_tokens_per_s"],
             "generated": s.get("generated_tokens")}
@@ -214,6 +218,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--lm-head", choices=("stored", "fp8"), default="stored",
+                    help="dsv3's head in its FP8 runs (fp8: the same bytes per weight as Q8_0)")
     ap.add_argument("--keep-gguf", action="store_true", help="keep the GGUF files (default: delete them at the end)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -235,7 +241,9 @@ def main() -> None:
     from dsv3cli.checkpoint import Checkpoint
     from dsv3cli.config import ModelConfig
 
-    wbytes = {label: (Checkpoint(ck).decode_bytes(), gguf_decode_bytes(ll, ggufs[label])) for label, ck, _ in pairs}
+    head = {label: a.lm_head if outtype == "q8_0" else "stored" for label, _, outtype in pairs}
+    wbytes = {label: (Checkpoint(ck).decode_bytes(head_fp8=head[label] == "fp8"), gguf_decode_bytes(ll, ggufs[label]))
+              for label, ck, _ in pairs}
 
     vocab = ModelConfig.from_json(pairs[0][1]).vocab_size
     rng = random.Random(0)
@@ -249,7 +257,7 @@ def main() -> None:
                 order = ("dsv3", "llama") if (r + t) % 2 == 0 else ("llama", "dsv3")
                 res = {}
                 for who in order:
-                    res[who] = (run_dsv3(ck, t, prompt, a.new_tokens, mtp) if who == "dsv3"
+                    res[who] = (run_dsv3(ck, t, prompt, a.new_tokens, mtp, head[label]) if who == "dsv3"
                                 else run_llama(ll, ggufs[label], t, a.prompt_len, a.new_tokens))
                 rows.append({"round": r, "threads": t, "pair": label, "bandwidth_GBps": bw, **res})
                 print(f"round {r} threads {t} {label}: decode dsv3 {res['dsv3']['decode']:.2f} llama.cpp "
@@ -279,10 +287,11 @@ def main() -> None:
         for g in ggufs.values():
             g.unlink(missing_ok=True)
     if a.json:
-        print(json.dumps({"llama_cpp": ll["version"], "mtp": mtp, "rounds": rows, "summary": summary}, indent=2))
+        print(json.dumps({"llama_cpp": ll["version"], "mtp": mtp, "lm_head": a.lm_head, "rounds": rows,
+                          "summary": summary}, indent=2))
         return
     print(f"llama.cpp {ll['version']} (llama-cpp-python sdist), {a.rounds} rounds, prompt {a.prompt_len}, "
-          f"{a.new_tokens} new tokens, dsv3 --mtp {mtp}; medians (min-max over rounds)")
+          f"{a.new_tokens} new tokens, dsv3 --mtp {mtp} (FP8: --lm-head {a.lm_head}); medians (min-max over rounds)")
     for s in summary:
         bw = s["bandwidth_GBps"]
         print(f"\n{s['pair']}, {s['threads']} thread(s): read probe {bw:.1f} GB/s")

@@ -333,11 +333,12 @@ class Checkpoint:
         cfg = self.config
         return any(f"model.layers.{i}.eh_proj.weight" in self.weight_map for i in mtp_layers(cfg))
 
-    def decode_bytes(self) -> int:
+    def decode_bytes(self, head_fp8: bool = False) -> int:
         """Bytes of weights one batch-1 decode token of the main model reads, as stored (FP8
-        codes + scales, BF16 elsewhere): every tensor but the embedding (one row of it) and the
-        MTP layers, the routed experts by num_experts_per_tok / n_routed_experts (an average
-        expert's share). The numerator of a decode's achieved bandwidth."""
+        codes + scales, BF16 elsewhere; with `head_fp8` the head as generate --lm-head fp8 holds
+        it): every tensor but the embedding (one row of it) and the MTP layers, the routed
+        experts by num_experts_per_tok / n_routed_experts (an average expert's share). The
+        numerator of a decode's achieved bandwidth."""
         cfg = self.config
         mtp = tuple(f"model.layers.{i}." for i in mtp_layers(cfg))
         total = 0
@@ -345,6 +346,9 @@ class Checkpoint:
             if n.endswith("embed_tokens.weight") or n.startswith(mtp):
                 continue
             b = self.nbytes(n)
+            if head_fp8 and n == "lm_head.weight":
+                rows, cols = self.shape(n)
+                b = rows * cols + -(-rows // 128) * -(-cols // 128) * 4  # codes + float32 block scales
             total += b * cfg.num_experts_per_tok // cfg.n_routed_experts if ".mlp.experts." in n else b
         return total
 
@@ -378,19 +382,24 @@ class Checkpoint:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise DsvError(f"{shard}: cannot read {name} ({e})") from e
 
-    def read_into(self, name: str, out) -> None:
-        """Read a whole tensor's bytes straight into `out` (a contiguous CPU tensor of its size):
-        plain reads, not a memory map, so the file's pages never count in this process's RSS and
-        a large shard does not sit in memory beside the model being filled."""
+    def read_into(self, name: str, out, rows: tuple[int, int] | None = None) -> None:
+        """Read a whole tensor's bytes, or those of its rows [a, b), straight into `out` (a
+        contiguous CPU tensor of that size): plain reads, not a memory map, so the file's pages
+        never count in this process's RSS and a large shard does not sit in memory beside the
+        model being filled."""
         import torch  # here only: the rest of this module works without torch
 
         info = self.info(name)
         shard = self.weight_map[name]
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-        if len(buf) != info.nbytes:
-            raise DsvError(f"{shard}: {name} has {info.nbytes} bytes, the model expects {len(buf)}")
+        skip, size = 0, info.nbytes
+        if rows is not None:
+            row = info.nbytes // max(info.shape[0], 1)
+            skip, size = rows[0] * row, (rows[1] - rows[0]) * row
+        if len(buf) != size:
+            raise DsvError(f"{shard}: {name} has {size} bytes there, the model expects {len(buf)}")
         with open(self.path / shard, "rb") as f:
-            start = 8 + int.from_bytes(f.read(8), "little") + info.start
+            start = 8 + int.from_bytes(f.read(8), "little") + info.start + skip
             done = 0
             while done < len(buf):  # one read returns at most ~2 GB on Linux
                 n = os.preadv(f.fileno(), [buf[done:]], start + done)

@@ -29,7 +29,7 @@ from .fp8_format import BLOCK, F8
 from .fp8_format import SCALE_SUFFIX as SCALE
 from .model import Transformer
 from .ops import Runtime
-from .parallel import Dist, Linear, block_cover, split_range
+from .parallel import Dist, Linear, ParallelHead, block_cover, split_range
 from .parallel import resolve_dtype
 
 # How each tensor is split, by HF name (first match wins). The scale of an FP8 weight follows its
@@ -87,6 +87,7 @@ def load_model(
     max_batch_size: int = 1,
     max_seq_len: int = 4096,
     mtp: bool = True,
+    head_fp8: bool = False,
     progress: Callable[[int, int], None] | None = None,
     check_memory: bool = True,
 ) -> Transformer:
@@ -94,7 +95,8 @@ def load_model(
 
     `runtime` says where and how to compute (default: `device` and `dtype` with torch's thread
     count and the C kernels unless switched off); `mtp=False` neither builds nor reads the MTP
-    module. `progress(done, total)` is called after each tensor (for a progress bar). Unless
+    module; `head_fp8` quantizes the head(s) into FP8 blocks as they are read (`ParallelHead`).
+    `progress(done, total)` is called after each tensor (for a progress bar). Unless
     `check_memory` is False (--force), refuses first when this rank's share, KV cache and scratch
     exceed the memory it may use (`dsv3cli.memory`).
     """
@@ -122,25 +124,36 @@ def load_model(
         cfg = cfg.replace(quantization_config=qc if fp8 else None)
 
     if check_memory:
-        need = memory.rank_needs(ck, dist, runtime.dtype, max_batch_size, max_seq_len, mtp=mtp)
+        need = memory.rank_needs(ck, dist, runtime.dtype, max_batch_size, max_seq_len, mtp=mtp, head_fp8=head_fp8)
         cpu = runtime.device.type == "cpu"
         here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if cpu else 1  # ranks sharing this RAM
         memory.preflight(need, memory.available(runtime.device), ranks_here=here, what=f"{ck.path}: ")
     with _out_of_memory(ck, "allocating the model and its KV cache"):
-        model = Transformer(cfg, dist, runtime, max_batch_size=max_batch_size, max_seq_len=max_seq_len, mtp=mtp)
-    if model.mtp is not None:
-        model.mtp.add_own_embedding_and_head(
-            embedding=ck.has(f"model.layers.{N}.embed_tokens.weight"),
-            head=ck.has(f"model.layers.{N}.shared_head.head.weight"),
-        )
+        model = Transformer(cfg, dist, runtime, max_batch_size=max_batch_size, max_seq_len=max_seq_len, mtp=mtp,
+                            head_fp8=head_fp8)
+        if model.mtp is not None:
+            model.mtp.add_own_embedding_and_head(
+                embedding=ck.has(f"model.layers.{N}.embed_tokens.weight"),
+                head=ck.has(f"model.layers.{N}.shared_head.head.weight"),
+                head_fp8=head_fp8,
+            )
+    quantized = {f"{k}.{p}": m for k, m in model.named_modules() if isinstance(m, ParallelHead) and m.is_fp8
+                 for p in ("weight", "weight" + SCALE)}
 
     # Check every name before reading anything: a missing tensor should not cost a full load.
     plan: list[tuple[str, torch.Tensor]] = []
+    heads: list[tuple[str, ParallelHead]] = []  # quantized while read (head_fp8)
     missing: list[str] = []
     for key, t in model.state_dict(keep_vars=True).items():
         name = hf_name(key, N)
         if name == "lm_head.weight" and not ck.has(name) and cfg.tie_word_embeddings:
             name = "model.embed_tokens.weight"
+        if key in quantized:
+            if key.endswith(".weight"):
+                heads.append((name, quantized[key]))
+                if not ck.has(name):
+                    missing.append(name)
+            continue
         weight = name[: -len(SCALE)] if name.endswith(SCALE) else name
         if not ck.has(name) or not ck.has(weight):
             missing.append(name)
@@ -165,12 +178,43 @@ def load_model(
             else:
                 t.copy_(_read(ck, name, t, dist).to(device=t.device, dtype=t.dtype))
             if progress is not None:
-                progress(i + 1, len(plan))
+                progress(i + 1, len(plan) + len(heads))
+        for i, (name, head) in enumerate(heads):
+            _quantize_head(ck, name, head)
+            if progress is not None:
+                progress(len(plan) + i + 1, len(plan) + len(heads))
     ck.close()
     for m in model.modules():  # every FP8 tensor went through _check_finite above
         if isinstance(m, Linear) and m.is_fp8:
             m.codes_checked = True
     return model
+
+
+HEAD_ROWS = 64 * BLOCK  # rows of a head read and quantized at a time: ~120 MB of BF16 at V3's width
+
+
+def _quantize_head(ck: Checkpoint, name: str, head: ParallelHead) -> None:
+    """The rows of `name` this rank's FP8 head holds, read and quantized HEAD_ROWS at a time into
+    its codes and 128x128 block scales (as dsv3 quantize would); the padding rows stay zero."""
+    from .fp8 import quantize_weight
+
+    stored = _STORED.get(ck.dtype(name))
+    if stored is None or stored == torch.float8_e4m3fn:
+        raise DsvError(f"{name}: stored as {ck.dtype(name)}; --lm-head fp8 quantizes a BF16, F16 or F32 head: "
+                       "leave it as stored")
+    lo, hi = head.rows
+    q, s = head.weight.view(torch.uint8), head.weight_scale_inv
+    q.zero_()
+    s.fill_(1.0)
+    for a in range(lo, hi, HEAD_ROWS):
+        b = min(a + HEAD_ROWS, hi)
+        rows = torch.empty(b - a, q.shape[1], dtype=stored)
+        ck.read_into(name, rows, (a, b))
+        qa, sa = quantize_weight(rows if stored != torch.float16 else rows.float(), out=head.weight[a - lo : b - lo])
+        if not torch.isfinite(sa).all():
+            raise DsvError(f"{name}: non-finite values in rows {a}..{b}; the checkpoint is damaged: download or "
+                           "convert it again (dsv3 verify --check-values lists every such tensor)")
+        s[(a - lo) // BLOCK : (a - lo) // BLOCK + sa.shape[0]] = sa
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from .checkpoint import Checkpoint, human, mtp_layers
 from .errors import DsvError
 from .parallel import Dist
 
+HEADS = ("lm_head.weight", "shared_head.head.weight")
 UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 SCRATCH_FRACTION = 0.1  # activations, logits and allocator slack, above a fixed runtime floor
 SCRATCH_FLOOR = 256 << 20
@@ -36,10 +37,10 @@ class Need:
 
 
 def rank_needs(ck: Checkpoint, dist: Dist, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
-               mtp: bool = True) -> Need:
+               mtp: bool = True, head_fp8: bool = False) -> Need:
     """Bytes this rank holds: its share of each tensor (FP8 codes stay 1 byte, their scales and
-    1-D tensors float32, the rest in `dtype`), the latent KV cache of every layer, scratch; the
-    MTP module's only with `mtp`."""
+    1-D tensors float32, the rest in `dtype`; the heads 1 byte a weight with `head_fp8`), the
+    latent KV cache of every layer, scratch; the MTP module's only with `mtp`."""
     from .fp8_format import F8
     from .fp8_format import SCALE_SUFFIX as SCALE
     from .loading import shard_kind
@@ -54,7 +55,7 @@ def rank_needs(ck: Checkpoint, dist: Dist, dtype: torch.dtype, max_batch_size: i
         numel = 1
         for d in info.shape:
             numel *= d
-        if info.dtype == F8:
+        if info.dtype == F8 or (head_fp8 and name.endswith(HEADS)):
             size = 1
         elif name.endswith(SCALE) or len(info.shape) <= 1:
             size = 4

@@ -397,21 +397,22 @@ class MTP(Block):
     def __init__(self, cfg: ModelConfig, dist: Dist, *, dtype, scratch, max_batch_size, max_seq_len):
         super().__init__(cfg, dist, cfg.num_hidden_layers, dtype=dtype, scratch=scratch, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         D = cfg.hidden_size
-        self.cfg, self.dist, self.dtype = cfg, dist, dtype
+        self.cfg, self.dist, self.dtype, self.scratch = cfg, dist, dtype, scratch
         self.enorm = RMSNorm(D, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
         self.eh_proj = Linear(2 * D, D, dtype=dtype)  # BF16 in FP8 checkpoints too
         self.shared_head = SharedHead(cfg)
         self.embed_tokens: VocabParallelEmbedding | None = None
 
-    def add_own_embedding_and_head(self, embedding: bool, head: bool) -> None:
+    def add_own_embedding_and_head(self, embedding: bool, head: bool, head_fp8: bool = False) -> None:
         """Give the module its own copies (the checkpoint has them) instead of the main model's."""
         cfg, dev = self.cfg, self.enorm.weight.device
         with torch.device(dev):
             if embedding:
                 self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.dist, dtype=self.dtype)
             if head:
-                self.shared_head.head = ParallelHead(cfg.hidden_size, cfg.vocab_size, self.dist, dtype=self.dtype)
+                self.shared_head.head = ParallelHead(cfg.hidden_size, cfg.vocab_size, self.dist, dtype=self.dtype,
+                                                     fp8=head_fp8, scratch=self.scratch)
 
 
 # ---- the model ---------------------------------------------------------------------------------------
@@ -425,7 +426,8 @@ class Transformer(nn.Module):
     mtp_forward(hidden, next_tokens, start_pos) -> the same for the MTP module;
     `route_observer` (None or a callable) sees every main MoE layer's routing.
     Batch row b always uses cache row b. `runtime` says where and how to compute (its dtype is
-    the compute dtype); `mtp=False` leaves the MTP module out even when the config has one.
+    the compute dtype); `mtp=False` leaves the MTP module out even when the config has one;
+    `head_fp8` holds the head as FP8 blocks (`ParallelHead`).
     """
 
     def __init__(
@@ -437,6 +439,7 @@ class Transformer(nn.Module):
         max_batch_size: int = 1,
         max_seq_len: int = 4096,
         mtp: bool = True,
+        head_fp8: bool = False,
     ):
         super().__init__()
         check_divisible(cfg, dist)
@@ -451,7 +454,7 @@ class Transformer(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dist, dtype=dtype)
             self.layers = nn.ModuleList([Block(cfg, dist, i, **kw) for i in range(cfg.num_hidden_layers)])
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            self.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, dist, dtype=dtype)
+            self.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, dist, dtype=dtype, fp8=head_fp8, scratch=self.scratch)
             self.mtp = MTP(cfg, dist, **kw) if mtp and cfg.num_nextn_predict_layers > 0 else None
             angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), rope_frequencies(cfg))  # [maxS,R/2]
             cos, sin = rope_tables(angles)  # [maxS,R] each

@@ -21,6 +21,11 @@ class DType(str, Enum):
     float32 = "float32"
 
 
+class LmHead(str, Enum):
+    stored = "stored"
+    fp8 = "fp8"
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to compute: auto picks cuda when available.")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Compute dtype; auto = bfloat16 for FP8/BF16 checkpoints, float32 for F32 ones.")]

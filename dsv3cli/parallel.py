@@ -274,18 +274,24 @@ class VocabParallelEmbedding(nn.Module):
         return y
 
 
-class ParallelHead(nn.Module):
+class ParallelHead(Linear):
     """Vocabulary rows split across ranks; the float32 logits are all-gathered so that every rank
-    holds the full vocabulary."""
+    holds the full vocabulary. With `fp8` (generate's --lm-head fp8) the rows are E4M3 codes in
+    128x128 blocks, quantized while loading from the checkpoint's head (`loading`): half the bytes
+    a decode step reads there. Each rank's part is then a whole number of blocks, so the blocks,
+    and the logits, are the same whatever the world size."""
 
-    def __init__(self, dim: int, vocab_size: int, dist: Dist, *, dtype: torch.dtype):
-        super().__init__()
-        self.dist, self.vocab_size = dist, vocab_size
+    def __init__(self, dim: int, vocab_size: int, dist: Dist, *, dtype: torch.dtype, fp8: bool = False,
+                 scratch: Scratch | None = None):
         part = -(-vocab_size // dist.world_size)
-        self.weight = nn.Parameter(torch.zeros(part, dim, dtype=dtype), requires_grad=False)
+        if fp8:
+            part = -(-part // BLOCK) * BLOCK
+        super().__init__(dim, part, dtype=dtype, fp8=fp8, scratch=scratch)
+        self.dist, self.vocab_size = dist, vocab_size
+        self.rows = (min(dist.rank * part, vocab_size), min((dist.rank + 1) * part, vocab_size))  # real rows held
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:  # [B,T,D] -> [B,T,V] float32
-        logits = ops.matmul_t(x, self.weight).float()
+        logits = ops.linear(x, self).float()
         if self.dist.world_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.dist.world_size)]
             tdist.all_gather(parts, logits.contiguous(), group=self.dist.group)

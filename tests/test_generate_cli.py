@@ -276,3 +276,19 @@ def test_positions_past_max_position_embeddings_are_warned(tiny_bf16, tmp_path):
     assert r.exit_code == 0, r.output
     warn = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
     assert len(warn) == 1 and "--generate 6" in warn[0] and "max_position_embeddings 8" in warn[0], r.stderr
+
+
+def test_lm_head_fp8_runs_and_names_a_damaged_head(tiny_fp8, tmp_path):
+    ids = ["--prompt-ids", "0,5,6,7", "--json", *FAST]
+    r = gen(tiny_fp8, *ids, "--lm-head", "fp8", "--mtp", "1")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["outputs"][0]["generated_ids"]) == 6
+    r = gen(tiny_fp8, *ids, "--lm-head", "int4")
+    assert r.exit_code == 2 and "--lm-head" in r.stderr, r.output
+
+    def inf_row(t):
+        t[300] = float("inf")
+        return t
+
+    ckpt = _with_tensor(tiny_fp8, tmp_path / "inf_head", "lm_head.weight", inf_row)
+    one_error_line(gen(ckpt, *ids, "--lm-head", "fp8"), 1, "lm_head.weight", "rows 0..512")

@@ -33,8 +33,8 @@ class CountingCheckpoint(Checkpoint):
     def get(self, name):
         return self._count(name, super().get(name))
 
-    def read_into(self, name, out):
-        super().read_into(name, out)
+    def read_into(self, name, out, rows=None):
+        super().read_into(name, out, rows)
         self._count(name, out)
 
     def get_slice(self, name):
@@ -87,6 +87,42 @@ def test_fp8_weights_stay_fp8(tiny_fp8):
     assert all(m.codes_checked for m in model.modules() if getattr(m, "is_fp8", False))
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert held <= 1.01 * _total_bytes(ck)  # no high-precision copy of the FP8 weights
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_an_fp8_head_is_the_stored_head_quantized(tiny_fp8, world):
+    """--lm-head fp8: each rank holds whole 128-row blocks of the head, quantized exactly as
+    dsv3 quantize would, reading only its rows; the MTP module's own head too. (A vocabulary
+    that does not split into whole blocks: test_parallel.)"""
+    from dsv3cli.fp8 import quantize_weight
+
+    ck = Checkpoint(tiny_fp8)
+    for name, attr in (("lm_head.weight", "lm_head"), ("model.layers.3.shared_head.head.weight", "mtp")):
+        q, s = quantize_weight(ck.get(name).float())
+        V = q.shape[0]
+        parts = []
+        for rank in range(world):
+            counting = CountingCheckpoint(tiny_fp8)
+            model = load_model(counting, Dist(rank, world), dtype=torch.float32, head_fp8=True)
+            head = model.lm_head if attr == "lm_head" else model.mtp.shared_head.head
+            lo, hi = head.rows
+            assert head.weight.dtype == torch.float8_e4m3fn and head.weight.shape[0] % 128 == 0 and lo % 128 == 0
+            assert counting.read.get(name, 0) == (hi - lo) * ck.shape(name)[1] * 2  # only its rows
+            assert torch.equal(head.weight.view(torch.uint8)[hi - lo :], torch.zeros_like(head.weight.view(torch.uint8)[hi - lo :]))
+            parts.append((head.weight[: hi - lo], head.weight_scale_inv[: -(-(hi - lo) // 128)]))
+        assert torch.equal(torch.cat([p[0] for p in parts]).view(torch.uint8), q.view(torch.uint8))
+        assert torch.equal(torch.cat([p[1] for p in parts]), s) and V == 512
+
+
+def test_an_fp8_head_needs_half_the_memory(tiny_bf16):
+    from dsv3cli import memory
+
+    ck = Checkpoint(tiny_bf16)
+    plain = memory.rank_needs(ck, Dist(), torch.bfloat16, 1, 64)
+    fp8 = memory.rank_needs(ck, Dist(), torch.bfloat16, 1, 64, head_fp8=True)
+    heads = ck.nbytes("lm_head.weight") + ck.nbytes("model.layers.3.shared_head.head.weight")
+    assert plain.weights - fp8.weights == heads // 2
+    assert ck.decode_bytes() - ck.decode_bytes(head_fp8=True) == ck.nbytes("lm_head.weight") // 2 - 4 * 2 * 4
 
 
 def test_unaligned_fp8_split_keeps_covering_blocks(tiny_fp8):

@@ -126,10 +126,11 @@ def agree_ckpt(tiny_bf16, tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tiny_bf16, agree_ckpt):
     kw = dict(dtype=torch.float32, max_batch_size=3, max_seq_len=MAX_SEQ)
-    return {"random": load_model(tiny_bf16, **kw), "agree": load_model(agree_ckpt, **kw)}
+    return {"random": load_model(tiny_bf16, **kw), "agree": load_model(agree_ckpt, **kw),
+            "fp8-head": load_model(agree_ckpt, head_fp8=True, **kw)}
 
 
-@pytest.mark.parametrize("which", ["random", "agree"])
+@pytest.mark.parametrize("which", ["random", "agree", "fp8-head"])
 def test_mtp_greedy_equals_plain_greedy(models, which):
     model = models[which]
     for prompts in (PROMPTS, PROMPTS[2:]):

@@ -26,10 +26,10 @@ PROMPTS = [[5, 77, 300, 12, 9, 41, 200, 3, 150, 99, 18], [400, 2, 31, 64, 128, 2
 NEW_TOKENS = 8
 
 
-def run_model(ckpt, dist: Dist) -> dict[str, torch.Tensor]:
+def run_model(ckpt, dist: Dist, head_fp8: bool = False) -> dict[str, torch.Tensor]:
     """Prefill a right-padded batch, decode greedily with the cache, and run the MTP module."""
     torch.manual_seed(0)
-    model = load_model(ckpt, dist, dtype=torch.float32, device="cpu", max_batch_size=2, max_seq_len=64)
+    model = load_model(ckpt, dist, dtype=torch.float32, device="cpu", max_batch_size=2, max_seq_len=64, head_fp8=head_fp8)
     lens = torch.tensor([len(p) for p in PROMPTS])
     tokens = torch.zeros(len(PROMPTS), int(lens.max()), dtype=torch.long)
     for b, p in enumerate(PROMPTS):
@@ -48,12 +48,12 @@ def run_model(ckpt, dist: Dist) -> dict[str, torch.Tensor]:
     return {"logits": logits, "mtp_logits": mtp_logits, "tokens": torch.stack(generated, 1)}
 
 
-def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, ckpt: str, out: str, head_fp8: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist = init_distributed("cpu", timeout_s=60)
     try:
-        result = run_model(ckpt, dist)
+        result = run_model(ckpt, dist, head_fp8)
         if rank == 0:
             torch.save(result, out)
     finally:
@@ -71,8 +71,8 @@ def single(tiny_fp8):
     return run_model(tiny_fp8, Dist())
 
 
-def _compare_with_spawned(world: int, ckpt, single: dict, out: str, keys=("logits", "mtp_logits")) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), str(ckpt), out), nprocs=world, join=True)
+def _compare_with_spawned(world: int, ckpt, single: dict, out: str, keys=("logits", "mtp_logits"), head_fp8=False) -> None:
+    mp.spawn(_worker, args=(world, _free_port(), str(ckpt), out, head_fp8), nprocs=world, join=True)
     got = torch.load(out)
     for key in keys:
         err = (got[key] - single[key]).abs().max() / single[key].abs().max()
@@ -109,6 +109,17 @@ def vocab_not_divisible(tmp_path_factory):
 def test_vocab_not_divisible_by_world_is_padded(vocab_not_divisible, tmp_path):
     single = run_model(vocab_not_divisible, Dist())
     _compare_with_spawned(3, vocab_not_divisible, single, str(tmp_path / "rank0.pt"), keys=("logits",))
+
+
+def test_an_fp8_head_gives_the_same_logits_on_every_world_size(vocab_not_divisible, tmp_path):
+    """--lm-head fp8 with 500 rows over 3 ranks: parts of 256 rows (whole blocks), rows 0..255,
+    256..499 and none; the blocks, so the logits and tokens, are those of one process. And the
+    quantized head moves the logits by no more than FP8 rounding does."""
+    single = run_model(vocab_not_divisible, Dist(), head_fp8=True)
+    _compare_with_spawned(3, vocab_not_divisible, single, str(tmp_path / "rank0.pt"), keys=("logits",), head_fp8=True)
+    stored = run_model(vocab_not_divisible, Dist())["logits"]
+    err = (single["logits"] - stored).abs().max() / stored.abs().max()
+    assert 0 < err < 0.1, err
 
 
 def test_world_size_must_divide_heads_and_experts():
