@@ -202,7 +202,8 @@ DEFINE_NN_DRIVER(f32, float, id_f32, VL, 4)
  * (16 lanes in two accumulators: 8 for 8), which is what bounds these loops here (measured on
  * Zen 3: 30 against 17-24 G multiply-adds/s). Which k a lane holds: float32, k = j (mod 8);
  * bfloat16, k = 2j and 2j+1 (mod 16): a 32-bit word holds two consecutive values, so a shift
- * gives the even ones and a mask the odd ones, two operations and no shuffle for 16 values. */
+ * gives the even ones and a mask the odd ones, two operations and no shuffle for 16 values.
+ * FP8 the same as bfloat16 (fp8_pairs; fp8_product puts x in that order). */
 static inline __m256 bf_even(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 static inline __m256 bf_odd(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u))); }
 
@@ -261,10 +262,10 @@ static inline __m128 hsum8x4(const __m256 *v) {
                 y[i * ldy + j] = tail_##SUF(sum[i * NB + j], x + i * ldx, w + j * ldw, k, K);                    \
     }
 #define LOAD_F32(p, l, h) (l = _mm256_loadu_ps(p), h = _mm256_loadu_ps((p) + 8))
-#define LOAD_FP8(p, l, h)                                                                                        \
+#define LOAD_FP8(p, l, h) /* the even k, then the odd ones (x in pair order: fp8_product) */                  \
     do {                                                                                                         \
         __m128i a_, b_;                                                                                          \
-        fp8_halves(_mm_loadu_si128((const __m128i *)(p)), &a_, &b_);                                             \
+        fp8_pairs(_mm_loadu_si128((const __m128i *)(p)), &a_, &b_);                                              \
         l = _mm256_cvtph_ps(a_), h = _mm256_cvtph_ps(b_);                                                        \
     } while (0)
 #define LOAD_BF16(p, l, h)                                                                                       \
@@ -416,25 +417,51 @@ int64_t dsv3_gemm(int bf16, int nn, const void *x, const void *w, void *y, int64
 #define FP8_UNPACK_ROWS 8 /* more: this many weight rows at a time converted into a cached buffer */
 #endif
 
-/* rows [rows, K] of codes -> their values times 2^-8 (cpu_vec.h), contiguous float32 */
+/* rows [rows, K] of codes -> their values times 2^-8 (cpu_vec.h), contiguous float32; with AVX2
+ * each 16 k in pair order (the even k, then the odd ones), as nt_fp8 takes them */
 static void fp8_unpack(const uint8_t *q, int64_t rows, int64_t K, float *out) {
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *qr = q + r * K;
         float *o = out + r * K;
         int64_t k = 0;
         for (; k + VL <= K; k += VL) {
+#ifdef DSV3_AVX2
+            __m128i e, d;
+            fp8_pairs(_mm_loadu_si128((const __m128i *)(qr + k)), &e, &d);
+            _mm256_storeu_ps(o + k, _mm256_cvtph_ps(e));
+            _mm256_storeu_ps(o + k + 8, _mm256_cvtph_ps(d));
+#else
             v16f v = ld_fp8(qr + k);
             memcpy(o + k, &v, sizeof v);
+#endif
         }
         for (; k < K; k++) o[k] = fp8_f32(qr[k]);
     }
+}
+
+/* x [M,K] in place: with AVX2 each whole 16 k in pair order (fp8_unpack), elsewhere as it is */
+static void fp8_pair_order(float *x, int64_t M, int64_t K) {
+#ifdef DSV3_AVX2
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k + 16 <= K; k += 16) {
+            float *p = x + m * K + k;
+            __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+            /* per 128-bit half [a0 a2 b0 b2 | a4 a6 b4 b6]; the 64-bit quarters then put in order */
+            __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+            _mm256_storeu_ps(p, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xd8)));
+            _mm256_storeu_ps(p + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xd8)));
+        }
+#else
+    (void)x, (void)M, (void)K;
+#endif
 }
 
 /* y [M, n1-n0] (float32, rows ldy apart) = x [M,K] (float32, contiguous) . w[n0:n1]^T, w the E4M3
  * codes q [N,K] with the 128x128 block scales s [ceil(N/128), ceil(K/128)] (the multipliers).
  * Semantics: for output n, x is first multiplied by its blocks' scales, xs[m][k] = x[m][k] *
  * s[n/128][k/128] (one float32 rounding), then the float32 product of xs with the codes' exact
- * values: the lanes, tree and tail of nt_f32. The codes are never dequantized into a weight-sized
+ * values: the lanes, tree and tail of nt_f32 (with AVX2 over each 16 k in pair order, so a lane
+ * holds k = 2j and 2j+1 as bfloat16's do). The codes are never dequantized into a weight-sized
  * copy: with few rows they are converted in registers as they stream past (nt_fp8), with more,
  * FP8_UNPACK_ROWS weight rows at a time into a buffer that stays in cache, which nt_f32 then
  * reads for every row; both compute the same operations, so a row's result does not depend on
@@ -455,6 +482,7 @@ int64_t fp8_product(const float *x, int64_t M, int64_t K, const uint8_t *q, cons
                 int64_t k1 = (kb + 1) * 128 < K ? (kb + 1) * 128 : K;
                 for (int64_t k = kb * 128; k < k1; k++) xs[m * K + k] = x[m * K + k] * sc;
             }
+        fp8_pair_order(xs, M, K);
         if (!unpack) {
             nt_fp8(xs, K, q + lo * K, K, y + (lo - n0), ldy, M, hi - lo, K);
             continue;
