@@ -4,7 +4,7 @@ Boundary: maps HF tensor names to the model's parameters and to how they are spl
 (`SHARDING`, the one table of it); reads through `dsv3cli.checkpoint.Checkpoint` (lazy safetensors
 slices). No forward logic. FP8 weights are copied as FP8 together with the rows/columns of their
 block scales that cover this rank's part; BF16/F32 tensors are cast to the compute dtype (norms,
-the routing bias and FP8 scales stay float32).
+the routing bias and FP8 scales stay float32); an FP8 head (`head_fp8`) is quantized as it is read.
 
 Checkpoints saved by transformers (per-expert names, no MTP layer, possibly a single
 model.safetensors) load too; the MTP module is then absent.
@@ -203,18 +203,17 @@ def _quantize_head(ck: Checkpoint, name: str, head: ParallelHead) -> None:
         raise DsvError(f"{name}: stored as {ck.dtype(name)}; --lm-head fp8 quantizes a BF16, F16 or F32 head: "
                        "leave it as stored")
     lo, hi = head.rows
-    q, s = head.weight.view(torch.uint8), head.weight_scale_inv
-    q.zero_()
-    s.fill_(1.0)
+    head.weight.view(torch.uint8).zero_()
+    head.weight_scale_inv.fill_(1.0)
     for a in range(lo, hi, HEAD_ROWS):
         b = min(a + HEAD_ROWS, hi)
-        rows = torch.empty(b - a, q.shape[1], dtype=stored)
+        rows = torch.empty(b - a, head.weight.shape[1], dtype=stored)
         ck.read_into(name, rows, (a, b))
-        qa, sa = quantize_weight(rows if stored != torch.float16 else rows.float(), out=head.weight[a - lo : b - lo])
-        if not torch.isfinite(sa).all():
+        _, s = quantize_weight(rows.float() if stored == torch.float16 else rows, out=head.weight[a - lo : b - lo])
+        if not torch.isfinite(s).all():
             raise DsvError(f"{name}: non-finite values in rows {a}..{b}; the checkpoint is damaged: download or "
                            "convert it again (dsv3 verify --check-values lists every such tensor)")
-        s[(a - lo) // BLOCK : (a - lo) // BLOCK + sa.shape[0]] = sa
+        head.weight_scale_inv[(a - lo) // BLOCK : (a - lo) // BLOCK + s.shape[0]] = s
 
 
 @contextmanager
