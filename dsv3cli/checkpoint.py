@@ -348,7 +348,8 @@ class Checkpoint:
             b = self.nbytes(n)
             if head_fp8 and n == "lm_head.weight":
                 rows, cols = self.shape(n)
-                b = rows * cols + -(-rows // 128) * -(-cols // 128) * 4  # codes + float32 block scales
+                sr, sc = scale_shape((rows, cols))
+                b = rows * cols + sr * sc * 4  # codes + float32 block scales
             total += b * cfg.num_experts_per_tok // cfg.n_routed_experts if ".mlp.experts." in n else b
         return total
 

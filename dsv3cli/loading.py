@@ -203,8 +203,8 @@ def _quantize_head(ck: Checkpoint, name: str, head: ParallelHead) -> None:
         raise DsvError(f"{name}: stored as {ck.dtype(name)}; --lm-head fp8 quantizes a BF16, F16 or F32 head: "
                        "leave it as stored")
     lo, hi = head.rows
-    head.weight.view(torch.uint8).zero_()
-    head.weight_scale_inv.fill_(1.0)
+    head.weight.view(torch.uint8)[hi - lo :].zero_()  # the rows read below are written whole
+    head.weight_scale_inv[-(-(hi - lo) // BLOCK) :].fill_(1.0)
     for a in range(lo, hi, HEAD_ROWS):
         b = min(a + HEAD_ROWS, hi)
         rows = torch.empty(b - a, head.weight.shape[1], dtype=stored)

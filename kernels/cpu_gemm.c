@@ -446,20 +446,26 @@ static void fp8_unpack(const uint8_t *q, int64_t rows, int64_t K, float *out) {
     }
 }
 
-/* x [M,K] in place: with AVX2 each whole 16 k in pair order (fp8_unpack), elsewhere as it is */
-static void fp8_pair_order(float *x, int64_t M, int64_t K) {
+/* x [M,K] as fp8_unpack orders k: with AVX2 each whole 16 k in pair order, copied into out;
+ * elsewhere x itself */
+static const float *fp8_pair_order(const float *x, int64_t M, int64_t K, float *out) {
 #ifdef DSV3_AVX2
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k + 16 <= K; k += 16) {
-            float *p = x + m * K + k;
+    for (int64_t m = 0; m < M; m++) {
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            const float *p = x + m * K + k;
             __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
             /* per 128-bit half [a0 a2 b0 b2 | a4 a6 b4 b6]; the 64-bit quarters then put in order */
             __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
-            _mm256_storeu_ps(p, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xd8)));
-            _mm256_storeu_ps(p + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xd8)));
+            _mm256_storeu_ps(out + m * K + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xd8)));
+            _mm256_storeu_ps(out + m * K + k + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xd8)));
         }
+        memcpy(out + m * K + k, x + m * K + k, (size_t)(K - k) * sizeof(float));
+    }
+    return out;
 #else
-    (void)x, (void)M, (void)K;
+    (void)M, (void)K, (void)out;
+    return x;
 #endif
 }
 
@@ -477,9 +483,12 @@ int64_t fp8_product(const float *x, int64_t M, int64_t K, const uint8_t *q, cons
                     float *y, int64_t ldy) {
     int64_t KB = (K + 127) / 128;
     int unpack = M > FP8_FUSED_ROWS;
-    float *xs = malloc(((size_t)M * K + (unpack ? (size_t)FP8_UNPACK_ROWS * K : 0)) * sizeof(float) + 64);
+    float *xs = malloc(((size_t)2 * M * K + (unpack ? (size_t)FP8_UNPACK_ROWS * K : 0)) * sizeof(float) + 64);
     if (!xs) return -1;
-    float *wf = xs + M * K;
+    float *wf = xs + 2 * M * K;
+    /* once, not per block of rows: a 16-k group never straddles a 128-k block, so scaling the
+     * reordered x gives the reordered scaled x */
+    const float *xo = fp8_pair_order(x, M, K, xs + M * K);
     for (int64_t b0 = n0 / 128 * 128; b0 < n1; b0 += 128) {
         int64_t lo = b0 > n0 ? b0 : n0, hi = b0 + 128 < n1 ? b0 + 128 : n1;
         const float *sb = s + (b0 / 128) * KB;
@@ -487,9 +496,8 @@ int64_t fp8_product(const float *x, int64_t M, int64_t K, const uint8_t *q, cons
             for (int64_t kb = 0; kb < KB; kb++) {
                 float sc = sb[kb] * 256.0f; /* the codes' 2^-8 (cpu_vec.h), exactly */
                 int64_t k1 = (kb + 1) * 128 < K ? (kb + 1) * 128 : K;
-                for (int64_t k = kb * 128; k < k1; k++) xs[m * K + k] = x[m * K + k] * sc;
+                for (int64_t k = kb * 128; k < k1; k++) xs[m * K + k] = xo[m * K + k] * sc;
             }
-        fp8_pair_order(xs, M, K);
         if (!unpack) {
             nt_fp8(xs, K, q + lo * K, K, y + (lo - n0), ldy, M, hi - lo, K);
             continue;

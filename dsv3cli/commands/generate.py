@@ -173,7 +173,7 @@ def run_rank(job: dict[str, Any]) -> None:
     with peer_failures(dist):
         t0 = time.perf_counter()
         model = load_model(ckpt, dist, runtime=runtime, max_batch_size=batch, max_seq_len=job["max_seq_len"],
-                           mtp=job["mtp"] != 0, head_fp8=job.get("lm_head") == "fp8", check_memory=not job["force"])
+                           mtp=job["mtp"] != 0, head_fp8=job["lm_head"] == "fp8", check_memory=not job["force"])
         load_s = time.perf_counter() - t0
         mtp = job["mtp"] if job["mtp"] is not None else (1 if model.has_mtp else 0)
         if mtp and not model.has_mtp:
