@@ -16,7 +16,7 @@ Examples:
 
   dsv3 generate ./ckpt --threads 1 --prompt "Hello"     (small model, busy machine)
 
-  dsv3 generate ./ckpt-fp8 --lm-head fp8 --prompt "Hello"    (half the head's bytes a token)
+  dsv3 generate ./ckpt-fp8 --lm-head fp8 --prompt "Hello"   (FP8 head)
 
   dsv3 generate ./ckpt            (interactive chat)
 """
