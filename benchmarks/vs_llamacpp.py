@@ -115,12 +115,26 @@ def gguf_decode_bytes(ll: dict, path: Path) -> int:
     return total
 
 
-def run_llama(ll: dict, gguf: Path, threads: int, prompt_len: int, new: int) -> dict:
-    out = sh([ll["bench"], "-m", gguf, "-t", threads, "-p", prompt_len, "-n", 0, "-r", 1, "-o", "json"],
+def llama_options(ll: dict, gguf: Path) -> list[str]:
+    """llama-bench's defaults, or `--repack 0` where they abort on this CPU (seen with Q8_0 on an
+    AMX Sapphire Rapids: its AMX weight buffers leave an op no backend takes), which keeps the
+    CPU backend's plain Q8_0 dot products. Both are llama.cpp as published."""
+    for opts in ([], ["--repack", "0"]):
+        if subprocess.run([str(c) for c in [ll["bench"], "-m", gguf, "-p", 8, "-n", 0, "-r", 1, *opts]],
+                          capture_output=True).returncode == 0:
+            if opts:
+                print(f"llama-bench aborts on {gguf.name} with its defaults here; using {' '.join(opts)}",
+                      file=sys.stderr)
+            return opts
+    sys.exit(f"llama-bench cannot run {gguf}, with its defaults or --repack 0")
+
+
+def run_llama(ll: dict, gguf: Path, threads: int, prompt_len: int, new: int, opts: list[str]) -> dict:
+    out = sh([ll["bench"], "-m", gguf, "-t", threads, "-p", prompt_len, "-n", 0, "-r", 1, "-o", "json", *opts],
              capture_output=True).stdout
     pp = json.loads(out)[0]["avg_ts"]
-    out = sh([ll["bench"], "-m", gguf, "-t", threads, "-p", 0, "-n", new, "-d", prompt_len, "-r", 1, "-o", "json"],
-             capture_output=True).stdout
+    out = sh([ll["bench"], "-m", gguf, "-t", threads, "-p", 0, "-n", new, "-d", prompt_len, "-r", 1, "-o", "json",
+              *opts], capture_output=True).stdout
     tg = json.loads(out)[0]["avg_ts"]
     return {"prefill": pp, "decode": tg}
 
@@ -238,6 +252,7 @@ def main() -> None:
     if not pairs:
         sys.exit("pass --bf16/--fp8 checkpoints, --layers/--experts to make them, or --mini")
     ggufs = {label: to_gguf(ll, ck, outtype, a.work / f"{ck.name}.{outtype}.gguf") for label, ck, outtype in pairs}
+    llama_opts = {label: llama_options(ll, g) for label, g in ggufs.items()}
     from dsv3cli.checkpoint import Checkpoint
     from dsv3cli.config import ModelConfig
 
@@ -258,7 +273,7 @@ def main() -> None:
                 res = {}
                 for who in order:
                     res[who] = (run_dsv3(ck, t, prompt, a.new_tokens, mtp, head[label]) if who == "dsv3"
-                                else run_llama(ll, ggufs[label], t, a.prompt_len, a.new_tokens))
+                                else run_llama(ll, ggufs[label], t, a.prompt_len, a.new_tokens, llama_opts[label]))
                 rows.append({"round": r, "threads": t, "pair": label, "bandwidth_GBps": bw, **res})
                 print(f"round {r} threads {t} {label}: decode dsv3 {res['dsv3']['decode']:.2f} llama.cpp "
                       f"{res['llama']['decode']:.2f} tok/s, prefill dsv3 {res['dsv3']['prefill']:.2f} llama.cpp "
@@ -287,11 +302,14 @@ def main() -> None:
         for g in ggufs.values():
             g.unlink(missing_ok=True)
     if a.json:
-        print(json.dumps({"llama_cpp": ll["version"], "mtp": mtp, "lm_head": a.lm_head, "rounds": rows,
-                          "summary": summary}, indent=2))
+        print(json.dumps({"llama_cpp": ll["version"], "llama_options": llama_opts, "mtp": mtp, "lm_head": a.lm_head,
+                          "rounds": rows, "summary": summary}, indent=2))
         return
     print(f"llama.cpp {ll['version']} (llama-cpp-python sdist), {a.rounds} rounds, prompt {a.prompt_len}, "
           f"{a.new_tokens} new tokens, dsv3 --mtp {mtp} (FP8: --lm-head {a.lm_head}); medians (min-max over rounds)")
+    for label, opts in llama_opts.items():
+        if opts:
+            print(f"llama-bench {' '.join(opts)} for {label} (its defaults abort on this CPU)")
     for s in summary:
         bw = s["bandwidth_GBps"]
         print(f"\n{s['pair']}, {s['threads']} thread(s): read probe {bw:.1f} GB/s")

@@ -133,6 +133,8 @@ DEFINE_TAIL(fp8, float, uint8_t, id_f32, fp8_f32)
 #ifndef DSV3_AVX2
 DEFINE_NT(f32, float, float)
 DEFINE_NT(bf16, uint16_t, uint16_t)
+#endif
+#if !defined(DSV3_AVX2) && !defined(__AVX512F__)
 DEFINE_NT(fp8, float, uint8_t)
 #endif
 
@@ -161,7 +163,10 @@ DEFINE_NT(fp8, float, uint8_t)
     }
 
 /* the nn driver over tiles of COLS columns a vector, NV_MAX vectors at most: rows 4, 2, 1 at a
- * time, the last columns one by one (each a chain over k in order, like a tile's lanes) */
+ * time, the last columns one by one (each a chain over k in order, like a tile's lanes; fma_rn,
+ * because as `s += x * w` GCC vectorised the loop for AVX-512 as an in-order sum of unfused
+ * products at some K and kept the fused scalar loop at others: a token's attention then
+ * depended on how many cache positions the call covered) */
 #define DEFINE_NN_DRIVER(SUF, W_T, W_F32, COLS, NV_MAX)                                                         \
     static inline __attribute__((always_inline)) void nn_rows_##SUF(const float *x, const W_T *w, int64_t ldw,   \
                                                                     float *y, int64_t ldy, int64_t N, int64_t K, \
@@ -176,7 +181,7 @@ DEFINE_NT(fp8, float, uint8_t)
         for (n += (N - n) / COLS * COLS; n < N; n++)                                                             \
             for (int i = 0; i < MB; i++) {                                                                       \
                 float s = 0.0f;                                                                                  \
-                for (int64_t k = 0; k < K; k++) s += x[i * K + k] * W_F32(w[k * ldw + n]);                       \
+                for (int64_t k = 0; k < K; k++) s = fma_rn(x[i * K + k], W_F32(w[k * ldw + n]), s);             \
                 y[i * ldy + n] = s;                                                                              \
             }                                                                                                    \
     }                                                                                                            \
@@ -283,51 +288,6 @@ static inline __m128 hsum8x4(const __m256 *v) {
 DEFINE_NT_TILE(f32, float, float, LOAD_F32, LOAD_F32, 0)
 DEFINE_NT_TILE(bf16, uint16_t, uint16_t, LOAD_BF16, LOAD_BF16, 0)
 DEFINE_NT_TILE(fp8, float, uint8_t, LOAD_F32, LOAD_FP8, 1)
-/* each tile shape a function of its own: inlined into one loop nest, the shapes' register
- * allocations interfered (the 1 x 8 loop spilled pointers and vectors to the stack) */
-#define NT_TILE_FN(SUF, TX, TW, MB, NB)                                                                          \
-    static __attribute__((noinline)) void nt_##SUF##_##MB##x##NB(const TX *x, int64_t ldx, const TW *w,        \
-                                                                 int64_t ldw, float *y, int64_t ldy, int64_t K) { \
-        nt_tile_##SUF(x, ldx, w, ldw, y, ldy, K, MB, NB);                                                        \
-    }
-#define NT_TILE_TABLE(SUF, TX, TW)                                                                              \
-    NT_TILE_FN(SUF, TX, TW, 2, 1) NT_TILE_FN(SUF, TX, TW, 2, 2) NT_TILE_FN(SUF, TX, TW, 2, 3)                 \
-    NT_TILE_FN(SUF, TX, TW, 2, 4) NT_TILE_FN(SUF, TX, TW, 1, 1) NT_TILE_FN(SUF, TX, TW, 1, 2)                 \
-    NT_TILE_FN(SUF, TX, TW, 1, 3) NT_TILE_FN(SUF, TX, TW, 1, 4) NT_TILE_FN(SUF, TX, TW, 1, 5)                 \
-    NT_TILE_FN(SUF, TX, TW, 1, 6) NT_TILE_FN(SUF, TX, TW, 1, 7) NT_TILE_FN(SUF, TX, TW, 1, 8)                 \
-    typedef void (*nt_tile_fn_##SUF)(const TX *, int64_t, const TW *, int64_t, float *, int64_t, int64_t);        \
-    static const nt_tile_fn_##SUF nt_tiles_##SUF[2][8] = {                                                       \
-        {nt_##SUF##_1x1, nt_##SUF##_1x2, nt_##SUF##_1x3, nt_##SUF##_1x4, nt_##SUF##_1x5, nt_##SUF##_1x6,         \
-         nt_##SUF##_1x7, nt_##SUF##_1x8},                                                                        \
-        {nt_##SUF##_2x1, nt_##SUF##_2x2, nt_##SUF##_2x3, nt_##SUF##_2x4}};
-NT_TILE_TABLE(f32, float, float)
-NT_TILE_TABLE(bf16, uint16_t, uint16_t)
-NT_TILE_TABLE(fp8, float, uint8_t)
-
-/* y [M,N] = x [M,K] . w [N,K]^T: rows in panels whose x stays in L2; in a panel, blocks of 8 w
- * rows (kept in L1 while the panel's rows pass), rows two at a time against 4 of them, a last
- * odd row against all 8 */
-#define DEFINE_NT_AVX2(SUF, TX, TW)                                                                             \
-    DSV3_HIDDEN void nt_##SUF(const TX *x, int64_t ldx, const TW *w, int64_t ldw, float *y, int64_t ldy, int64_t M,  \
-                         int64_t N, int64_t K) {                                                                 \
-        int64_t panel = (int64_t)(128 * 1024 / sizeof(TX)) / (K > 0 ? K : 1);                                    \
-        panel = panel < 2 ? 2 : panel;                                                                           \
-        for (int64_t m0 = 0; m0 < M; m0 += panel) {                                                              \
-            int64_t m1 = m0 + panel < M ? m0 + panel : M;                                                        \
-            for (int64_t n0 = 0; n0 < N; n0 += 8) {                                                              \
-                int64_t nw = N - n0 < 8 ? N - n0 : 8, m = m0;                                                    \
-                for (; m + 2 <= m1; m += 2)                                                                      \
-                    for (int64_t j = 0; j < nw; j += 4) {                                                        \
-                        int64_t nb = nw - j < 4 ? nw - j : 4;                                                    \
-                        nt_tiles_##SUF[1][nb - 1](x + m * ldx, ldx, w + (n0 + j) * ldw, ldw, y + m * ldy + n0 + j, ldy, K); \
-                    }                                                                                            \
-                if (m < m1) nt_tiles_##SUF[0][nw - 1](x + m * ldx, ldx, w + n0 * ldw, ldw, y + m * ldy + n0, ldy, K); \
-            }                                                                                                    \
-        }                                                                                                        \
-    }
-DEFINE_NT_AVX2(f32, float, float)
-DEFINE_NT_AVX2(bf16, uint16_t, uint16_t)
-DEFINE_NT_AVX2(fp8, float, uint8_t)
 
 /* nn: each output one chain of fused multiply-adds over k in order, as in the generic code (the
  * same bits); tiles of MB rows by NV vectors of 8 columns, MB * NV <= 12 accumulators */
@@ -356,6 +316,97 @@ DEFINE_NN_AVX2(bf16, uint16_t)
 DEFINE_NN_AVX2(f32, float)
 DEFINE_NN_DRIVER(bf16, uint16_t, bf16_f32, 8, 3)
 DEFINE_NN_DRIVER(f32, float, id_f32, 8, 3)
+#endif
+
+#ifdef __AVX512F__
+/* nt_fp8 with 16 lanes, as the AVX2 tiles above (MB rows of x by NB rows of w, accumulators in
+ * registers, each step prefetching its share of the next NB rows). Which k a lane holds: each
+ * whole 32 k in pair order, lane j summing k = 2j then 2j+1 (fp8_pairs32; fp8_product puts x in
+ * that order); a last 16 k in order, lane j summing k = j; then the tree of hsum and the k tail
+ * in order. nt_f32 over fp8_unpack's rows computes the same operations. */
+static inline __attribute__((always_inline)) void nt_tile_fp8(const float *x, int64_t ldx, const uint8_t *w,
+                                                              int64_t ldw, float *y, int64_t ldy, int64_t K,
+                                                              const int MB, const int NB) {
+    __m512 acc[8];
+    for (int i = 0; i < MB * NB; i++) acc[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    const char *next = (const char *)(w + NB * ldw);
+    for (; k + 32 <= K; k += 32) {
+        __m512 xl[2], xh[2];
+        for (int b = 0; b < NB * 32; b += 64) _mm_prefetch(next + k * NB + b, _MM_HINT_T0);
+        for (int i = 0; i < MB; i++) xl[i] = _mm512_loadu_ps(x + i * ldx + k), xh[i] = _mm512_loadu_ps(x + i * ldx + k + 16);
+        for (int j = 0; j < NB; j++) {
+            __m256i e, o;
+            fp8_pairs32(_mm256_loadu_si256((const __m256i *)(w + j * ldw + k)), &e, &o);
+            __m512 wl = _mm512_cvtph_ps(e), wh = _mm512_cvtph_ps(o);
+            for (int i = 0; i < MB; i++)
+                acc[i * NB + j] = _mm512_fmadd_ps(xh[i], wh, _mm512_fmadd_ps(xl[i], wl, acc[i * NB + j]));
+        }
+    }
+    if (k + 16 <= K) {
+        for (int j = 0; j < NB; j++) {
+            __m512 wv = _mm512_cvtph_ps(fp8_half_bits(_mm_loadu_si128((const __m128i *)(w + j * ldw + k))));
+            for (int i = 0; i < MB; i++) acc[i * NB + j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + k), wv, acc[i * NB + j]);
+        }
+        k += 16;
+    }
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NB; j++) {
+            v16f a;
+            memcpy(&a, &acc[i * NB + j], sizeof a);
+            y[i * ldy + j] = tail_fp8(hsum(a), x + i * ldx, w + j * ldw, k, K);
+        }
+}
+#endif
+
+#if defined(DSV3_AVX2) || defined(__AVX512F__)
+/* each tile shape a function of its own: inlined into one loop nest, the shapes' register
+ * allocations interfered (the 1 x 8 loop spilled pointers and vectors to the stack) */
+#define NT_TILE_FN(SUF, TX, TW, MB, NB)                                                                          \
+    static __attribute__((noinline)) void nt_##SUF##_##MB##x##NB(const TX *x, int64_t ldx, const TW *w,        \
+                                                                 int64_t ldw, float *y, int64_t ldy, int64_t K) { \
+        nt_tile_##SUF(x, ldx, w, ldw, y, ldy, K, MB, NB);                                                        \
+    }
+#define NT_TILE_TABLE(SUF, TX, TW)                                                                              \
+    NT_TILE_FN(SUF, TX, TW, 2, 1) NT_TILE_FN(SUF, TX, TW, 2, 2) NT_TILE_FN(SUF, TX, TW, 2, 3)                 \
+    NT_TILE_FN(SUF, TX, TW, 2, 4) NT_TILE_FN(SUF, TX, TW, 1, 1) NT_TILE_FN(SUF, TX, TW, 1, 2)                 \
+    NT_TILE_FN(SUF, TX, TW, 1, 3) NT_TILE_FN(SUF, TX, TW, 1, 4) NT_TILE_FN(SUF, TX, TW, 1, 5)                 \
+    NT_TILE_FN(SUF, TX, TW, 1, 6) NT_TILE_FN(SUF, TX, TW, 1, 7) NT_TILE_FN(SUF, TX, TW, 1, 8)                 \
+    typedef void (*nt_tile_fn_##SUF)(const TX *, int64_t, const TW *, int64_t, float *, int64_t, int64_t);        \
+    static const nt_tile_fn_##SUF nt_tiles_##SUF[2][8] = {                                                       \
+        {nt_##SUF##_1x1, nt_##SUF##_1x2, nt_##SUF##_1x3, nt_##SUF##_1x4, nt_##SUF##_1x5, nt_##SUF##_1x6,         \
+         nt_##SUF##_1x7, nt_##SUF##_1x8},                                                                        \
+        {nt_##SUF##_2x1, nt_##SUF##_2x2, nt_##SUF##_2x3, nt_##SUF##_2x4}};
+
+/* y [M,N] = x [M,K] . w [N,K]^T: rows in panels whose x stays in L2; in a panel, blocks of 8 w
+ * rows (kept in L1 while the panel's rows pass), rows two at a time against 4 of them, a last
+ * odd row against all 8 */
+#define DEFINE_NT_TILED(SUF, TX, TW)                                                                             \
+    DSV3_HIDDEN void nt_##SUF(const TX *x, int64_t ldx, const TW *w, int64_t ldw, float *y, int64_t ldy, int64_t M,  \
+                         int64_t N, int64_t K) {                                                                 \
+        int64_t panel = (int64_t)(128 * 1024 / sizeof(TX)) / (K > 0 ? K : 1);                                    \
+        panel = panel < 2 ? 2 : panel;                                                                           \
+        for (int64_t m0 = 0; m0 < M; m0 += panel) {                                                              \
+            int64_t m1 = m0 + panel < M ? m0 + panel : M;                                                        \
+            for (int64_t n0 = 0; n0 < N; n0 += 8) {                                                              \
+                int64_t nw = N - n0 < 8 ? N - n0 : 8, m = m0;                                                    \
+                for (; m + 2 <= m1; m += 2)                                                                      \
+                    for (int64_t j = 0; j < nw; j += 4) {                                                        \
+                        int64_t nb = nw - j < 4 ? nw - j : 4;                                                    \
+                        nt_tiles_##SUF[1][nb - 1](x + m * ldx, ldx, w + (n0 + j) * ldw, ldw, y + m * ldy + n0 + j, ldy, K); \
+                    }                                                                                            \
+                if (m < m1) nt_tiles_##SUF[0][nw - 1](x + m * ldx, ldx, w + n0 * ldw, ldw, y + m * ldy + n0, ldy, K); \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+#ifdef DSV3_AVX2
+NT_TILE_TABLE(f32, float, float)
+NT_TILE_TABLE(bf16, uint16_t, uint16_t)
+DEFINE_NT_TILED(f32, float, float)
+DEFINE_NT_TILED(bf16, uint16_t, uint16_t)
+#endif
+NT_TILE_TABLE(fp8, float, uint8_t)
+DEFINE_NT_TILED(fp8, float, uint8_t)
 #endif
 
 /* x [M,K] with row stride ldx, in bfloat16 or float32 -> contiguous float32 */
@@ -424,13 +475,22 @@ int64_t dsv3_gemm(int bf16, int nn, const void *x, const void *w, void *y, int64
 #define FP8_UNPACK_ROWS 8 /* more: this many weight rows at a time converted into a cached buffer */
 #endif
 
-/* rows [rows, K] of codes -> their values times 2^-8 (cpu_vec.h), contiguous float32; with AVX2
- * each 16 k in pair order (the even k, then the odd ones), as nt_fp8 takes them */
+/* rows [rows, K] of codes -> their values times 2^-8 (cpu_vec.h), contiguous float32, in the order
+ * nt_fp8 takes k: with AVX2 each whole 16 k in pair order (the even k, then the odd ones); with
+ * AVX-512 each whole 32 k so, then a last 16 in order */
 static void fp8_unpack(const uint8_t *q, int64_t rows, int64_t K, float *out) {
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *qr = q + r * K;
         float *o = out + r * K;
         int64_t k = 0;
+#ifdef __AVX512F__
+        for (; k + 32 <= K; k += 32) {
+            __m256i e, d;
+            fp8_pairs32(_mm256_loadu_si256((const __m256i *)(qr + k)), &e, &d);
+            _mm512_storeu_ps(o + k, _mm512_cvtph_ps(e));
+            _mm512_storeu_ps(o + k + 16, _mm512_cvtph_ps(d));
+        }
+#endif
         for (; k + VL <= K; k += VL) {
 #ifdef DSV3_AVX2
             __m128i e, d;
@@ -446,12 +506,20 @@ static void fp8_unpack(const uint8_t *q, int64_t rows, int64_t K, float *out) {
     }
 }
 
-/* x [M,K] as fp8_unpack orders k: with AVX2 each whole 16 k in pair order, copied into out;
- * elsewhere x itself */
+/* x [M,K] as fp8_unpack orders k, copied into out (x itself in the generic build) */
 static const float *fp8_pair_order(const float *x, int64_t M, int64_t K, float *out) {
-#ifdef DSV3_AVX2
+#if defined(DSV3_AVX2) || defined(__AVX512F__)
     for (int64_t m = 0; m < M; m++) {
         int64_t k = 0;
+#ifdef __AVX512F__
+        const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        for (; k + 32 <= K; k += 32) {
+            __m512 a = _mm512_loadu_ps(x + m * K + k), b = _mm512_loadu_ps(x + m * K + k + 16);
+            _mm512_storeu_ps(out + m * K + k, _mm512_permutex2var_ps(a, even, b));
+            _mm512_storeu_ps(out + m * K + k + 16, _mm512_permutex2var_ps(a, odd, b));
+        }
+#else
         for (; k + 16 <= K; k += 16) {
             const float *p = x + m * K + k;
             __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
@@ -460,6 +528,7 @@ static const float *fp8_pair_order(const float *x, int64_t M, int64_t K, float *
             _mm256_storeu_ps(out + m * K + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xd8)));
             _mm256_storeu_ps(out + m * K + k + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xd8)));
         }
+#endif
         memcpy(out + m * K + k, x + m * K + k, (size_t)(K - k) * sizeof(float));
     }
     return out;
@@ -474,7 +543,7 @@ static const float *fp8_pair_order(const float *x, int64_t M, int64_t K, float *
  * Semantics: for output n, x is first multiplied by its blocks' scales, xs[m][k] = x[m][k] *
  * s[n/128][k/128] (one float32 rounding), then the float32 product of xs with the codes' exact
  * values: the lanes, tree and tail of nt_f32 (with AVX2 over each 16 k in pair order, so a lane
- * holds k = 2j and 2j+1 as bfloat16's do). The codes are never dequantized into a weight-sized
+ * holds k = 2j and 2j+1 as bfloat16's do; with AVX-512 over each 32 k so). The codes are never dequantized into a weight-sized
  * copy: with few rows they are converted in registers as they stream past (nt_fp8), with more,
  * FP8_UNPACK_ROWS weight rows at a time into a buffer that stays in cache, which nt_f32 then
  * reads for every row; both compute the same operations, so a row's result does not depend on
@@ -486,8 +555,8 @@ int64_t fp8_product(const float *x, int64_t M, int64_t K, const uint8_t *q, cons
     float *xs = malloc(((size_t)2 * M * K + (unpack ? (size_t)FP8_UNPACK_ROWS * K : 0)) * sizeof(float) + 64);
     if (!xs) return -1;
     float *wf = xs + 2 * M * K;
-    /* once, not per block of rows: a 16-k group never straddles a 128-k block, so scaling the
-     * reordered x gives the reordered scaled x */
+    /* once, not per block of rows: a group of 16 or 32 k never straddles a 128-k block, so
+     * scaling the reordered x gives the reordered scaled x */
     const float *xo = fp8_pair_order(x, M, K, xs + M * K);
     for (int64_t b0 = n0 / 128 * 128; b0 < n1; b0 += 128) {
         int64_t lo = b0 > n0 ? b0 : n0, hi = b0 + 128 < n1 ? b0 + 128 : n1;

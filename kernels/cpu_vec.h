@@ -31,6 +31,16 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 #pragma clang fp contract(fast)
 #endif
 
+/* a * b + c, fused where the CPU has fused multiply-adds (as fp-contract makes every a * b + c
+ * of these files), written out where a loop must not be vectorised into separate products */
+static inline float fma_rn(float a, float b, float c) {
+#ifdef FP_FAST_FMAF
+    return fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
 static inline float bf16_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
     float f;
@@ -144,6 +154,13 @@ static inline void fp8_pairs(__m128i codes, __m128i *even, __m128i *odd) {
     const __m128i m = _mm_set1_epi16((short)0xbf80);
     *even = _mm_and_si128(_mm_maddubs_epi16(_mm_set1_epi16(0x0080), codes), m);
     *odd = _mm_and_si128(_mm_maddubs_epi16(_mm_set1_epi16((short)0x8000), codes), m);
+}
+/* fp8_pairs of 32 codes: the 16 even ones (codes 0, 2, .., 30) and the 16 odd ones, each in order
+ * (a word takes its two bytes from within itself, so no lane is crossed) */
+static inline void fp8_pairs32(__m256i codes, __m256i *even, __m256i *odd) {
+    const __m256i m = _mm256_set1_epi16((short)0xbf80);
+    *even = _mm256_and_si256(_mm256_maddubs_epi16(_mm256_set1_epi16(0x0080), codes), m);
+    *odd = _mm256_and_si256(_mm256_maddubs_epi16(_mm256_set1_epi16((short)0x8000), codes), m);
 }
 #endif
 
