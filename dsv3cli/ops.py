@@ -54,6 +54,11 @@ PARALLEL_MACS = 1 << 20
 # CPU has bfloat16 dot products (oneDNN's blocked GEMM wins above it there); without them ours
 # win at every size (Zen 3, one core, 128 rows by 512x1536: 4.0 vs 21.7 ms).
 SMALL_ROWS = 32
+# Where the CPU has AMX (Intel Xeon 4th generation on), oneDNN's bfloat16 products run on its
+# tiles and overtake the C kernels at 8 rows (an Intel Xeon VM, one core, 7168 x 2048: 64 vs 33 G
+# multiply-adds/s at 8 rows, 197 vs 33 at 32): a bfloat16 prefill's products of more rows than
+# this go to torch there, the MoE experts' included (an FP8 weight dequantized into scratch first).
+AMX_ROWS = 4
 # A prefill's products of more rows than this, where the C kernels do all the products, take
 # cpu_gemm.c's packed product (dsv3_gemm_prefill: weight panels converted into cache, FP8 codes
 # included, then multiply-add bound tiles; Zen 3, one core, 128 rows by 7168: 37-40 against
@@ -100,6 +105,12 @@ class Runtime:
         """The C kernels take every product, at any size: bfloat16 on a CPU without bfloat16 dot
         products, where torch's bfloat16 products are slow at every size."""
         return self.cpu is not None and self.dtype == BF16 and not self.cpu.native_bf16
+
+    @property
+    def small_rows(self) -> int:
+        """Up to this many rows a prefill's product stays in C where torch's are fast (SMALL_ROWS,
+        AMX_ROWS for bfloat16 on a CPU with AMX)."""
+        return AMX_ROWS if self.cpu is not None and self.cpu.amx and self.dtype == BF16 else SMALL_ROWS
 
     def torch_threads(self) -> int:
         """Threads for torch's own ops. One when the C kernels do all the products: torch then
@@ -355,8 +366,8 @@ class CpuOps(TorchOps):
 
     def _c_rows(self, rows: int) -> bool:
         """Whether a product of `rows` rows runs in C (else torch): always in an exact forward
-        or where the C kernels take every product; in a prefill, up to SMALL_ROWS rows."""
-        return self.exact or self.all_products or rows <= SMALL_ROWS
+        or where the C kernels take every product; in a prefill, up to Runtime.small_rows rows."""
+        return self.exact or self.all_products or rows <= self.rt.small_rows
 
     # ---- products ----------------------------------------------------------------------------
 
@@ -531,6 +542,8 @@ class CpuOps(TorchOps):
         different threads, each reading only its experts' weights, and tokens are cut too where
         there are more threads than parts. A token's result depends on neither the other tokens
         nor the thread count."""
+        if not self.all_products and x.shape[0] > self.rt.small_rows < SMALL_ROWS and not self.exact:
+            return super().moe_experts(moe, x, w, idx)  # AMX: each expert's tokens through oneDNN
         fp8 = self._fp8_experts(moe) if moe.w13 is None else None  # FP8 experts the kernel can take
         if x.dtype not in (BF16, torch.float32) or (fp8 is None if moe.w13 is None else x.dtype != moe.w13.dtype):
             return super().moe_experts(moe, x, w, idx)

@@ -167,6 +167,8 @@ class CpuKernels:
         # 37-40 against 21-25 G multiply-adds/s at 128 rows); other builds pack their panels with
         # scalar code and are unmeasured, so they keep the row kernels (the tests still run both).
         self.packed_prefill = variant == "avx2"
+        # AMX tiles, which torch's oneDNN products use for bfloat16 (dsv3cli.ops.AMX_ROWS)
+        self.amx = {"amx_tile", "amx_bf16"} <= _cpu_flags()
 
     def dequantize(self, q: int, s: int, out: int, rows: int, cols: int, *, out_f32: bool = False,
                    workers: int | None = None) -> None:

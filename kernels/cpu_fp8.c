@@ -133,6 +133,20 @@ static inline __m128i bf16x8_rne(__m256 f) {
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
+#ifdef __AVX512BW__
+/* the same 16 at a time (the NaN codes by a mask), and their rounding to bf16 */
+static inline __m512 e4m3x16_value_shr8(const uint8_t *q) {
+    __m256i c = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
+    __m512 f = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(c, 7), _mm256_set1_epi16((short)0xBF80)));
+    __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), _mm256_set1_epi16(0x7F));
+    return _mm512_mask_or_ps(f, nan, f, _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+}
+static inline __m256i bf16x16_rne(__m512 f) {
+    __m512i u = _mm512_castps_si512(f);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16));
+}
+#endif
 #define CODE_SHIFT 0x1p8f /* sx holds s * 2**8 in the fast loops */
 #else
 #define CODE_SHIFT 1.0f
@@ -142,6 +156,10 @@ static inline __m128i bf16x8_rne(__m256 f) {
  * float32(q * s) with its single rounding. */
 static void dequant_seg_bf16(const uint8_t *restrict q, const float *restrict sx, uint16_t *restrict out, int64_t n) {
     int64_t j = 0;
+#ifdef __AVX512BW__
+    for (; j + 16 <= n; j += 16)
+        _mm256_storeu_si256((__m256i *)(out + j), bf16x16_rne(_mm512_mul_ps(e4m3x16_value_shr8(q + j), _mm512_loadu_ps(sx + j))));
+#endif
 #if defined(__AVX2__) && defined(__F16C__)
     for (; j + 8 <= n; j += 8)
         _mm_storeu_si128((__m128i *)(out + j), bf16x8_rne(_mm256_mul_ps(e4m3x8_value_shr8(q + j), _mm256_loadu_ps(sx + j))));
@@ -152,6 +170,10 @@ static void dequant_seg_bf16(const uint8_t *restrict q, const float *restrict sx
 
 static void dequant_seg_f32(const uint8_t *restrict q, const float *restrict sx, float *restrict out, int64_t n) {
     int64_t j = 0;
+#ifdef __AVX512BW__
+    for (; j + 16 <= n; j += 16)
+        _mm512_storeu_ps(out + j, _mm512_mul_ps(e4m3x16_value_shr8(q + j), _mm512_loadu_ps(sx + j)));
+#endif
 #if defined(__AVX2__) && defined(__F16C__)
     for (; j + 8 <= n; j += 8)
         _mm256_storeu_ps(out + j, _mm256_mul_ps(e4m3x8_value_shr8(q + j), _mm256_loadu_ps(sx + j)));

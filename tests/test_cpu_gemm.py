@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dsv3cli.config import load_preset
 from dsv3cli.model import MLA, MoE, Positions, RMSNorm, Transformer, rope_frequencies, rope_tables
-from dsv3cli.ops import PACK_ROWS, SMALL_ROWS, Runtime
+from dsv3cli.ops import AMX_ROWS, PACK_ROWS, SMALL_ROWS, Runtime, TorchOps
 from dsv3cli.parallel import Dist, Linear, Scratch
 
 cpu = pytest.importorskip("dsv3_kernels.cpu", reason="dsv3_kernels is not importable (package not installed)")
@@ -131,6 +131,29 @@ def test_linear_many_rows(variant):
             lo = M - PACK_ROWS - 1 if not c.exact else 3  # the packed product for the rest too
             assert torch.equal(c.matmul_t(x[lo:], w), y[lo:]), msg
             assert torch.equal(c.matmul_t(x, w[5:]), y[:, 5:]), f"{msg}: outputs 5.. differ on their own"
+
+
+@variants
+def test_amx_sends_a_bfloat16_prefill_to_onednn(variant, monkeypatch):
+    """With AMX (forced here: what is checked is where the products go, not their speed), a
+    bfloat16 prefill's products of more than AMX_ROWS rows are torch's, the MoE experts' too (the
+    reference's loop, each expert's tokens in one product); fewer rows, float32 and exact forwards
+    stay in C."""
+    c = _c(BF16, variant)
+    if c.all_products:
+        pytest.skip(f"{variant}: no bfloat16 dot products, so the C kernels take every product")
+    monkeypatch.setattr(c.kern, "amx", True)
+    assert c.rt.small_rows == AMX_ROWS and Runtime(dtype=torch.float32, variant=variant).small_rows == SMALL_ROWS
+    g = torch.Generator().manual_seed(SEED)
+    x, w = torch.randn(AMX_ROWS + 1, 200, generator=g).to(BF16), torch.randn(37, 200, generator=g).to(BF16)
+    exact = c.rt.ops(True)
+    assert torch.equal(c.matmul_t(x, w), F.linear(x, w))
+    assert torch.equal(c.matmul_t(x[:AMX_ROWS], w), exact.matmul_t(x[:AMX_ROWS], w))  # the row kernels
+    m = _moe(BF16, 64, 48, 8, 2, shared=1)
+    x = torch.randn(40, 64, generator=g).to(BF16)
+    wt, idx = _routing(40, 8, 2, SEED)
+    assert torch.equal(c.moe_experts(m, x, wt, idx), TorchOps(c.rt, False).moe_experts(m, x, wt, idx))
+    assert not torch.equal(exact.moe_experts(m, x, wt, idx), TorchOps(c.rt, False).moe_experts(m, x, wt, idx))
 
 
 # ---- attention -----------------------------------------------------------------------------------
