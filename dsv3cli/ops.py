@@ -427,7 +427,8 @@ class CpuOps(TorchOps):
             return super().linear(x, lin)
         if self._packed(rows):
             return self._prefill_product(x, lin.weight, lin.weight_scale_inv)
-        if not self.exact and rows > PACK_ROWS:  # a prefill: one dequantized weight in scratch, then torch's product
+        tiles = not self.exact and rows > self.rt.small_rows and self.kern.amx_fp8 and x.dtype == BF16
+        if not tiles and not self.exact and rows > PACK_ROWS:  # a prefill: one dequantized weight in scratch, then torch's product
             return super().linear(x, lin)
         N, K = lin.weight.shape
         x2 = x.reshape(rows, K)
@@ -436,12 +437,13 @@ class CpuOps(TorchOps):
         out = x.new_empty(*x.shape[:-1], N)
         xp, qp, sp, yp = x2.data_ptr(), lin.weight.data_ptr(), lin.weight_scale_inv.data_ptr(), out.data_ptr()
         bf16, ldx = int(x.dtype == BF16), x2.stride(0)
+        fn = self.lib.dsv3_fp8_gemm_amx if tiles else self.lib.dsv3_fp8_gemm  # AMX: a prefill on the tiles
 
         def cols(n0: int, n1: int) -> int:  # outputs n0..n1: each computed the same way whatever the split
-            return self.lib.dsv3_fp8_gemm(bf16, xp, ldx, qp, sp, yp, N, rows, K, n0, n1)
+            return fn(bf16, xp, ldx, qp, sp, yp, N, rows, K, n0, n1)
 
         if run_split(N, cols, self.threads_for(rows * N * K), align=128):
-            raise MemoryError("dsv3_fp8_gemm: out of memory for its scratch buffer")
+            raise MemoryError(f"{fn.__name__}: out of memory for its scratch buffer")
         return out
 
     def _fp8_ready(self, lin: "Linear") -> bool:
@@ -542,7 +544,8 @@ class CpuOps(TorchOps):
         different threads, each reading only its experts' weights, and tokens are cut too where
         there are more threads than parts. A token's result depends on neither the other tokens
         nor the thread count."""
-        if not self.all_products and x.shape[0] > self.rt.small_rows < SMALL_ROWS and not self.exact:
+        amx = not self.exact and not self.all_products and x.shape[0] > self.rt.small_rows < SMALL_ROWS
+        if amx and (moe.w13 is not None or not self.kern.amx_fp8):
             return super().moe_experts(moe, x, w, idx)  # AMX: each expert's tokens through oneDNN
         fp8 = self._fp8_experts(moe) if moe.w13 is None else None  # FP8 experts the kernel can take
         if x.dtype not in (BF16, torch.float32) or (fp8 is None if moe.w13 is None else x.dtype != moe.w13.dtype):
@@ -577,7 +580,8 @@ class CpuOps(TorchOps):
                                              shared_table.data_ptr() if with_shared else None, out, t1 - t0, K, D, I,
                                              lo, hi, Is if with_shared else 0, int(f32), packed)
 
-        packed = int(not self.exact and self.kern.packed_prefill)  # a prefill's experts of many tokens (moe_drive)
+        # a prefill's experts of many tokens (moe_drive): 2, FP8 experts on the AMX tiles
+        packed = 2 if amx and fp8 is not None else int(not self.exact and self.kern.packed_prefill)
         threads = self.threads_for(N * 3 * D * (K * I + Is))
         P = moe.expert_parts
         if P == 1:  # one part: tokens across threads, one run each (each reads every expert's weights)

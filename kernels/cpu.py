@@ -48,7 +48,9 @@ VARIANTS = {
     "generic": ((), ()),
     "avx2": (("-march=x86-64-v3",), ("avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe")),
     "avx512": (("-march=x86-64-v4",), ("avx2", "fma", "f16c", "bmi2", *_V4)),
-    "avx512bf16": (("-march=x86-64-v4", "-mavx512bf16"), ("avx2", "fma", "f16c", "bmi2", *_V4, "avx512_bf16")),
+    # -mamx-*: the AMX prefill product (cpu_gemm.c), run only where dsv3_amx_init says the tiles are there
+    "avx512bf16": (("-march=x86-64-v4", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+                   ("avx2", "fma", "f16c", "bmi2", *_V4, "avx512_bf16")),
 }
 ABI = 7  # must equal dsv3_cpu_abi() in cpu_fp8.c
 # Elements per job: large enough that the per-call cost (a few microseconds) is noise, small
@@ -86,6 +88,9 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "dsv3_fp8_gemm": (_i64, (ctypes.c_int, _p, _i64, _p, _p, _p, _i64) + (_i64,) * 4),
     # bf16, wtype (0 float32, 1 bfloat16, 2 FP8), x, ldx, w, ldw, s, y, ldy, M, K, n0, n1 -> 0, or -1 without memory
     "dsv3_gemm_prefill": (_i64, (ctypes.c_int, ctypes.c_int, _p, _i64, _p, _i64, _p, _p) + (_i64,) * 5),
+    # bf16, x, ldx, q, s, y, ldy, M, K, n0, n1 -> 0, -1 without memory, -2 without AMX
+    "dsv3_fp8_gemm_amx": (_i64, (ctypes.c_int, _p, _i64, _p, _p, _p, _i64) + (_i64,) * 4),
+    "dsv3_amx_init": (ctypes.c_int, ()),
     # x, y, n (float32): the vectorised e^x the softmax, SwiGLU and router use, for its tests
     "dsv3_exp": (None, (_p, _p, _i64)),
     # -> 1 when built for bfloat16 dot products in hardware (AVX512-BF16)
@@ -167,8 +172,10 @@ class CpuKernels:
         # 37-40 against 21-25 G multiply-adds/s at 128 rows); other builds pack their panels with
         # scalar code and are unmeasured, so they keep the row kernels (the tests still run both).
         self.packed_prefill = variant == "avx2"
-        # AMX tiles, which torch's oneDNN products use for bfloat16 (dsv3cli.ops.AMX_ROWS)
+        # AMX tiles, which torch's oneDNN products use for bfloat16 (dsv3cli.ops.AMX_ROWS) and this
+        # build's FP8 prefill products (dsv3_fp8_gemm_amx) where it has them
         self.amx = {"amx_tile", "amx_bf16"} <= _cpu_flags()
+        self.amx_fp8 = self.amx and bool(lib.dsv3_amx_init())
 
     def dequantize(self, q: int, s: int, out: int, rows: int, cols: int, *, out_f32: bool = False,
                    workers: int | None = None) -> None:

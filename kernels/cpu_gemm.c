@@ -820,3 +820,138 @@ int64_t dsv3_gemm_prefill(int bf16, int wtype, const void *x, int64_t ldx, const
     free(yf);
     return rc;
 }
+
+/* ---- AMX: a prefill's FP8 products on the tile unit -----------------------------------------------
+ * Where the CPU has AMX (and the kernel grants this process its tile state: dsv3_amx_init), a
+ * prefill's FP8 products run on the tiles, 16x16 float32 sums per multiply of a 16x32 by a 32x16
+ * bfloat16 tile. The weight is the left operand, so its rows are used as they lie: 32 rows at a
+ * time converted into a bfloat16 panel in L2, each code times its block scale rounded once to
+ * nearest even (the weight `dsv3 quantize --to bf16` writes, but that values below 2^-126 become
+ * zero: "dequantize to bfloat16, then multiply", without a weight-sized copy); x is rounded to bfloat16 (it is bfloat16 already in a
+ * bfloat16 model) and packed once per call into the right operand's pairs of k, 16 tokens a tile.
+ * Semantics: each output is that bfloat16 weight row times that bfloat16 x row, summed in float32
+ * by the tile unit (its own order, denormals flushed); a row does not depend on the other rows or
+ * on how the outputs are split, but sums in another order than every other product here, so only
+ * a prefill uses it. */
+#ifdef DSV3_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+/* 1 when this build has the AMX products and the kernel lets this process use the tiles, else 0 */
+int dsv3_amx_init(void) {
+#ifdef DSV3_AMX
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
+#ifdef DSV3_AMX
+/* y [M, n1-n0] (float32, rows ldy apart) = x [M,K] (bfloat16 when xbf16, else float32; rows ldx
+ * apart) . w[n0:n1]^T, w the E4M3 codes q [N,K] with block scales s [ceil(N/128), ceil(K/128)],
+ * on the tiles (see above). Returns 0, or -1 when scratch memory cannot be had. */
+DSV3_HIDDEN int64_t amx_fp8_product(const void *x, int xbf16, int64_t ldx, int64_t M, int64_t K, const uint8_t *q,
+                                    const float *s, int64_t n0, int64_t n1, float *y, int64_t ldy) {
+    int64_t Kp = (K + 31) / 32 * 32, Mp = (M + 15) / 16 * 16, KB = (K + 127) / 128;
+    /* xb [Mp/16][Kp/2][16][2]: tokens in tiles of 16, their k in pairs; panel [32][Kp]; cb 4 tiles */
+    size_t xn = (size_t)Mp * Kp, pn = (size_t)32 * Kp;
+    uint16_t *xb = aligned_alloc(64, ((xn + pn) * 2 + 4 * 256 * sizeof(float) + 63) / 64 * 64);
+    if (!xb) return -1;
+    uint16_t *panel = xb + xn;
+    float *cb = (float *)(panel + pn);
+    memset(xb + (M / 16) * 16 * Kp, 0, (size_t)(Mp - M / 16 * 16) * Kp * 2); /* the last tile's missing tokens */
+    for (int64_t m = 0; m < M; m++) { /* each pair of k a 32-bit word: row m's words 16 words apart */
+        uint16_t *row = panel; /* the panel is not in use yet: a row of x in bfloat16, zeros to Kp */
+        if (xbf16)
+            memcpy(row, (const uint16_t *)x + m * ldx, (size_t)K * 2);
+        else
+            for (int64_t k = 0; k < K; k++) row[k] = f32_bf16(((const float *)x)[m * ldx + k]);
+        memset(row + K, 0, (size_t)(Kp - K) * 2);
+        uint32_t *dst = (uint32_t *)xb + (m / 16) * (Kp / 2) * 16 + m % 16;
+        for (int64_t p = 0; p < Kp / 2; p++) memcpy(dst + p * 16, row + 2 * p, 4);
+    }
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } __attribute__((aligned(64))) cfg = {1, 0, {0}, {0}, {0}};
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+    for (int64_t nb = n0; nb < n1; nb += 32) {
+        int64_t nr = n1 - nb < 32 ? n1 - nb : 32;
+        for (int64_t j = 0; j < 32; j++) { /* the panel: weight row nb + j in bfloat16, zeros past K and n1 */
+            uint16_t *pr = panel + j * Kp;
+            int64_t k = 0;
+            if (j < nr) {
+                const uint8_t *qr = q + (nb + j) * K;
+                const float *sr = s + (nb + j) / 128 * KB;
+                for (; k + 32 <= K; k += 32) { /* 32 k never straddle a 128 block */
+                    __m512 sc = _mm512_set1_ps(sr[k / 128] * 256.0f);
+                    __m512 lo = _mm512_cvtph_ps(fp8_half_bits(_mm_loadu_si128((const __m128i *)(qr + k))));
+                    __m512 hi = _mm512_cvtph_ps(fp8_half_bits(_mm_loadu_si128((const __m128i *)(qr + k + 16))));
+                    _mm512_storeu_si512(pr + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc)));
+                }
+                for (; k < K; k++) pr[k] = f32_bf16(fp8_f32(qr[k]) * (sr[k / 128] * 256.0f));
+            }
+            memset(pr + k, 0, (size_t)(Kp - k) * 2);
+        }
+        for (int64_t mb = 0; mb < Mp; mb += 32) {
+            int two = mb + 16 < Mp;
+            const uint16_t *b0 = xb + (mb / 16) * (Kp / 2) * 32, *b1 = b0 + (Kp / 2) * 32;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t k = 0; k < Kp; k += 32) {
+                _tile_loadd(4, panel + k, Kp * 2);
+                _tile_loadd(5, panel + 16 * Kp + k, Kp * 2);
+                _tile_loadd(6, b0 + k / 2 * 32, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 5, 6);
+                if (two) {
+                    _tile_loadd(7, b1 + k / 2 * 32, 64);
+                    _tile_dpbf16ps(2, 4, 7);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            _tile_stored(0, cb, 64);
+            _tile_stored(1, cb + 256, 64);
+            if (two) {
+                _tile_stored(2, cb + 512, 64);
+                _tile_stored(3, cb + 768, 64);
+            }
+            /* tile t: weight rows (t % 2) * 16 .. by tokens mb + (t / 2) * 16 .. */
+            for (int t = 0; t < (two ? 4 : 2); t++)
+                for (int64_t j = 0; j < 16 && mb + (t / 2) * 16 + j < M; j++)
+                    for (int64_t i = 0; i < 16 && (t % 2) * 16 + i < nr; i++)
+                        y[(mb + (t / 2) * 16 + j) * ldy + nb + (t % 2) * 16 + i - n0] = cb[t * 256 + i * 16 + j];
+        }
+    }
+    _tile_release();
+    free(xb);
+    return 0;
+}
+#endif
+
+/* y [M,N] = x [M,K] . w^T for an FP8 weight in a prefill, on the AMX tiles (amx_fp8_product), only
+ * the output columns n0..n1, x and y bfloat16 (bf16=1) or float32 as in dsv3_fp8_gemm. Returns 0,
+ * -1 when scratch memory cannot be had, or -2 in a build without AMX (nothing is written then). */
+int64_t dsv3_fp8_gemm_amx(int bf16, const void *x, int64_t ldx, const uint8_t *q, const float *s, void *y, int64_t ldy,
+                          int64_t M, int64_t K, int64_t n0, int64_t n1) {
+#ifdef DSV3_AMX
+    int64_t n = n1 - n0;
+    float *yf = malloc((size_t)(M * n) * sizeof(float) + 64);
+    if (!yf) return -1;
+    int64_t rc = amx_fp8_product(x, bf16, ldx, M, K, q, s, n0, n1, yf, n);
+    if (!rc) {
+        size_t es = bf16 ? 2 : 4;
+        for (int64_t m = 0; m < M; m++) store(yf + m * n, (char *)y + (m * ldy + n0) * es, bf16, n);
+    }
+    free(yf);
+    return rc;
+#else
+    (void)bf16, (void)x, (void)ldx, (void)q, (void)s, (void)y, (void)ldy, (void)M, (void)K, (void)n0, (void)n1;
+    return -2;
+#endif
+}

@@ -185,8 +185,9 @@ static int64_t swiglu_rows(int bf16, const void *xs, int64_t r, int64_t D, const
  * (in the compute dtype), `fn` computing the expert's float32 output rows for a group, added with
  * the token's routing weight into float32 sums rounded once at the end (with out_f32, y is float32
  * and gets the sums unrounded). Groups hold ROWS tokens, each a product of the nt kernels; in a
- * prefill (`prefill`), an expert with more than pk_rows tokens takes them PK_GROUP at a time through
- * pk_product instead (faster with many rows, but its sums run in another order, and which experts
+ * prefill (`prefill` 1), an expert with more than pk_rows tokens takes them PK_GROUP at a time through
+ * pk_product instead (`prefill` 2, FP8 experts on a CPU with AMX: amx_fp8_product; both faster with
+ * many rows, but their sums run in another order, and which experts
  * take it depends on the other tokens: no forward that must match single-token steps uses it).
  * `work_floats` is the scratch fn needs per row of a group. Returns 0, or -1 when scratch memory
  * cannot be had (y is untouched then). */
@@ -219,7 +220,7 @@ static int64_t moe_drive(int bf16, const void *x, const int64_t *idx, const floa
                     count++;
                     break;
                 }
-        int pk = prefill && count > pk_rows;
+        int pk = prefill && count > pk_rows ? prefill : 0;
         int64_t group = pk ? PK_GROUP : ROWS;
         while (n < N && !rc) {
             int64_t r = 0;
@@ -296,6 +297,14 @@ static int64_t fp8_expert(const void *ctx, int64_t e, const char *xs, int64_t r,
     float *xf = work, *gu = xf + r * D, *act = gu + r * 2 * Ie;
     const uint8_t *q[3] = {(const uint8_t *)p[0], (const uint8_t *)p[2], (const uint8_t *)p[4]};
     const float *s[3] = {(const float *)p[1], (const float *)p[3], (const float *)p[5]};
+#ifdef DSV3_AMX
+    if (pk == 2) { /* the AMX tiles */
+        rc = amx_fp8_product(xs, c->bf16, D, r, D, q[0], s[0], 0, Ie, gu, 2 * Ie);
+        rc = rc ? rc : amx_fp8_product(xs, c->bf16, D, r, D, q[1], s[1], 0, Ie, gu + Ie, 2 * Ie);
+        for (int64_t j = 0; j < r && !rc; j++) silu_mul(gu + j * 2 * Ie, gu + j * 2 * Ie + Ie, act + j * Ie, Ie);
+        return rc ? rc : amx_fp8_product(act, 0, Ie, r, Ie, q[2], s[2], 0, D, out, D);
+    }
+#endif
     if (pk) {
         rc = pk_product(xs, c->bf16, D, r, D, PK_FP8, q[0], D, s[0], 0, Ie, gu, 2 * Ie);
         rc = rc ? rc : pk_product(xs, c->bf16, D, r, D, PK_FP8, q[1], D, s[1], 0, Ie, gu + Ie, 2 * Ie);

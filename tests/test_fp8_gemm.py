@@ -17,9 +17,9 @@ import torch
 from dsv3_kernels.cpu import supported_variants
 from dsv3cli import ops as ops_mod
 from dsv3cli.config import load_preset
-from dsv3cli.fp8 import _code_values_ref, quantize_weight
+from dsv3cli.fp8 import _code_values_ref, dequantize_weight, quantize_weight
 from dsv3cli.model import MoE
-from dsv3cli.ops import PACK_ROWS, Runtime
+from dsv3cli.ops import AMX_ROWS, PACK_ROWS, Runtime
 from dsv3cli.parallel import Dist, Linear, Scratch
 
 SEED = int.from_bytes(os.urandom(4), "little")
@@ -216,6 +216,51 @@ def test_fp8_experts_in_one_call_match_the_reference(variant, dtype, parts):
             assert err <= tol * ref.abs().max().item(), f"{msg}: max error {err:.3g}"
             for n in (0, N - 1):
                 assert torch.equal(ops.moe_experts(m, x[n : n + 1], w[n : n + 1], idx[n : n + 1]), y[n : n + 1]), msg
+
+
+def _amx_ops(threads: int = 1):
+    ops = c_ops(VARIANTS[-1], BF16, threads=threads, exact=False)
+    if not ops.kern.amx_fp8:
+        pytest.skip("no AMX tiles here (or the kernel does not grant them): a prefill's FP8 products take oneDNN")
+    return ops
+
+
+def test_amx_fp8_prefill_is_the_bfloat16_weight_times_x(monkeypatch):
+    """With AMX, a bfloat16 prefill's FP8 products of more than AMX_ROWS rows run on the tiles:
+    "dequantize to bfloat16, then multiply" (float64 of the bfloat16-dequantized weight, float32
+    sums) at ragged shapes; rows independent of one another; the bits kept across thread splits."""
+    ops = _amx_ops()
+    monkeypatch.setattr(ops_mod, "PARALLEL_MACS", 1)  # split even these small calls
+    g = torch.Generator().manual_seed(SEED)
+    for N, K, M in [(130, 300, AMX_ROWS + 1), (257, 128, 40), (64, 1000, 23), (200, 77, 70), (17, 16, 33), (300, 2100, 19)]:
+        lin = fp8_linear(torch.randn(N, K, generator=g) / K**0.5)
+        x = torch.randn(M, K, generator=g).to(BF16)
+        y = ops.linear(x, lin)
+        msg = f"seed {SEED}, N {N} K {K} M {M}"
+        check(y, x, dequantize_weight(lin.weight, lin.weight_scale_inv, BF16).double(), msg)
+        assert torch.equal(ops.linear(x[M - AMX_ROWS - 1 :], lin), y[M - AMX_ROWS - 1 :]), f"{msg}: rows differ"
+        for threads in (2, 3):
+            assert torch.equal(_amx_ops(threads).linear(x, lin), y), f"{msg}: {threads} threads"
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_amx_fp8_experts_in_a_prefill_match_the_reference(parts):
+    """A prefill's FP8 experts with many tokens on the AMX tiles (dsv3_moe_fp8, prefill 2) against
+    the reference, on one thread and two (which cut the tokens when there is one part: which
+    experts take the tiles then changes, as in any prefill)."""
+    ref_ops = Runtime(dtype=BF16, kernels=False).ops(False)
+    m = _fp8_moe(BF16, 130, 136, 6, shared=1)
+    m.expert_parts = parts
+    g = torch.Generator().manual_seed(SEED)
+    N = 40
+    x = torch.randn(N, 130, generator=g).to(BF16)
+    idx = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(N)])
+    w = torch.rand(N, 3, generator=g)
+    ref = ref_ops.moe_experts(m, x, w, idx)
+    for threads in (1, 2):
+        y = _amx_ops(threads).moe_experts(m, x, w, idx)
+        err = (y.double() - ref.double()).abs().max().item()
+        assert err <= 3e-2 * ref.abs().max().item(), f"seed {SEED}, {parts} parts, {threads} threads: max error {err:.3g}"
 
 
 def test_an_fp8_kv_b_is_dequantized_once_per_runtime():
