@@ -423,11 +423,12 @@ class CpuOps(TorchOps):
         """FP8 weights straight from their codes (cpu_gemm.c's dsv3_fp8_gemm: never a dequantized
         copy); dense ones through `matmul_t`."""
         rows = x.numel() // max(x.shape[-1], 1)
-        if not lin.is_fp8 or x.dtype not in (BF16, torch.float32) or not self._c_rows(rows) or not self._fp8_ready(lin):
+        tiles = not self.exact and rows > self.rt.small_rows and self.kern.amx_fp8 and x.dtype == BF16  # AMX
+        if not lin.is_fp8 or x.dtype not in (BF16, torch.float32) or not (tiles or self._c_rows(rows)) or \
+                not self._fp8_ready(lin):
             return super().linear(x, lin)
         if self._packed(rows):
             return self._prefill_product(x, lin.weight, lin.weight_scale_inv)
-        tiles = not self.exact and rows > self.rt.small_rows and self.kern.amx_fp8 and x.dtype == BF16
         if not tiles and not self.exact and rows > PACK_ROWS:  # a prefill: one dequantized weight in scratch, then torch's product
             return super().linear(x, lin)
         N, K = lin.weight.shape
@@ -437,7 +438,7 @@ class CpuOps(TorchOps):
         out = x.new_empty(*x.shape[:-1], N)
         xp, qp, sp, yp = x2.data_ptr(), lin.weight.data_ptr(), lin.weight_scale_inv.data_ptr(), out.data_ptr()
         bf16, ldx = int(x.dtype == BF16), x2.stride(0)
-        fn = self.lib.dsv3_fp8_gemm_amx if tiles else self.lib.dsv3_fp8_gemm  # AMX: a prefill on the tiles
+        fn = self.lib.dsv3_fp8_gemm_amx if tiles else self.lib.dsv3_fp8_gemm
 
         def cols(n0: int, n1: int) -> int:  # outputs n0..n1: each computed the same way whatever the split
             return fn(bf16, xp, ldx, qp, sp, yp, N, rows, K, n0, n1)

@@ -231,6 +231,9 @@ def test_amx_fp8_prefill_is_the_bfloat16_weight_times_x(monkeypatch):
     sums) at ragged shapes; rows independent of one another; the bits kept across thread splits."""
     ops = _amx_ops()
     monkeypatch.setattr(ops_mod, "PARALLEL_MACS", 1)  # split even these small calls
+    calls = []
+    tiles = ops.lib.dsv3_fp8_gemm_amx
+    monkeypatch.setattr(ops.lib, "dsv3_fp8_gemm_amx", lambda *a: calls.append(a[7]) or tiles(*a))
     g = torch.Generator().manual_seed(SEED)
     for N, K, M in [(130, 300, AMX_ROWS + 1), (257, 128, 40), (64, 1000, 23), (200, 77, 70), (17, 16, 33), (300, 2100, 19)]:
         lin = fp8_linear(torch.randn(N, K, generator=g) / K**0.5)
@@ -241,6 +244,7 @@ def test_amx_fp8_prefill_is_the_bfloat16_weight_times_x(monkeypatch):
         assert torch.equal(ops.linear(x[M - AMX_ROWS - 1 :], lin), y[M - AMX_ROWS - 1 :]), f"{msg}: rows differ"
         for threads in (2, 3):
             assert torch.equal(_amx_ops(threads).linear(x, lin), y), f"{msg}: {threads} threads"
+        assert M in calls, f"{msg}: not on the tiles"
 
 
 @pytest.mark.parametrize("parts", [1, 3])
