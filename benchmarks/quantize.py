@@ -114,34 +114,17 @@ def bench_tensors(gb: float, workers: int | None) -> dict:
 
 
 def make_checkpoint(folder: Path, gb: float) -> Path:
-    """A >= gb GB BF16 checkpoint in the hub's layout: the tiny preset's config and tokenizer
-    files, with expert-sized linear weights (hub names, so they become FP8) in 4 shards."""
-    from safetensors.torch import save_file
-
-    from dsv3cli.checkpoint import write_index
+    """A >= gb GB BF16 checkpoint in the hub's layout (`dsv3 tiny`'s writer): the tiny preset with
+    DeepSeek-V3's hidden size and expert width (7168, 2048) and as many routed experts as it takes."""
+    from dsv3cli.config import load_preset
     from dsv3cli.tiny import make_tiny
 
-    make_tiny(folder, seed=0, shards=1)
-    (folder / "model.safetensors.index.json").unlink()
-    for p in folder.glob("model-*.safetensors"):
-        p.unlink()
-    per = 2048 * 7168 * 2
-    n = max(8, round(gb * 1e9 / per))
-    shards = 4
-    g = torch.Generator().manual_seed(1)
-    weight_map, total = {}, 0
-    for k in range(shards):
-        name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = {}
-        for e in range(k, n, shards):
-            for proj, shape in (("gate_proj", (2048, 7168)),):
-                key = f"model.layers.{1 + e // 64}.mlp.experts.{e % 64}.{proj}.weight"
-                tensors[key] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-        tensors[f"model.layers.{k}.input_layernorm.weight"] = torch.ones(7168, dtype=torch.bfloat16)
-        save_file(tensors, folder / name, metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update({t: name for t in tensors})
-    write_index(folder, weight_map, total)
+    cfg = load_preset("tiny")
+    per_expert = 3 * 2048 * 7168 * 2
+    layers = cfg.num_hidden_layers - cfg.first_k_dense_replace + cfg.num_nextn_predict_layers  # MoE layers
+    experts = max(8, -(-round(gb * 1e9 / (per_expert * layers)) // 4) * 4)  # whole groups of 4
+    cfg = cfg.replace(hidden_size=7168, moe_intermediate_size=2048, n_routed_experts=experts, n_group=experts // 4)
+    make_tiny(folder, seed=0, shards=4, config=cfg, cut=True)
     return folder
 
 
