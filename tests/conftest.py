@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 # Triton kernels run on the CPU through the interpreter in tests.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from pathlib import Path
+# `python -m pytest` puts the working directory first on sys.path. From the repository's root
+# its kernels/ folder (installed as dsv3_kernels) would then shadow `kernels`, a Hugging Face
+# package that transformers (5.x) imports and requires.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 import pytest
 
