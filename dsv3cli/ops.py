@@ -57,7 +57,7 @@ SMALL_ROWS = 32
 # Where the CPU has AMX (Intel Xeon 4th generation on), oneDNN's bfloat16 products run on its
 # tiles and overtake the C kernels at 8 rows (an Intel Xeon VM, one core, 7168 x 2048: 64 vs 33 G
 # multiply-adds/s at 8 rows, 197 vs 33 at 32): a bfloat16 prefill's products of more rows than
-# this go to torch there, the MoE experts' included (an FP8 weight dequantized into scratch first).
+# this go to torch there, the MoE experts' included; FP8 ones to cpu_gemm.c's own AMX product.
 AMX_ROWS = 4
 # A prefill's products of more rows than this, where the C kernels do all the products, take
 # cpu_gemm.c's packed product (dsv3_gemm_prefill: weight panels converted into cache, FP8 codes

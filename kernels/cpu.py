@@ -41,16 +41,15 @@ from typing import Callable
 SOURCES = ("cpu_vec.h", "cpu_fp8.c", "cpu_gemm.c", "cpu_ops.c")
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-Wno-psabi")
 # name: (compiler flags, /proc/cpuinfo flags the CPU needs), worst to best; x86-64 only but
-# "generic", which is the plain build elsewhere. AMX adds nothing for these products (they
-# read each weight once), so avx512bf16 is the top.
+# "generic", which is the plain build elsewhere. avx512bf16 is the top: its AMX prefill product
+# (cpu_gemm.c) is compiled for the tiles by a function attribute and runs only where
+# dsv3_amx_init says the CPU and the kernel give this process the tiles.
 _V4 = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 VARIANTS = {
     "generic": ((), ()),
     "avx2": (("-march=x86-64-v3",), ("avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe")),
     "avx512": (("-march=x86-64-v4",), ("avx2", "fma", "f16c", "bmi2", *_V4)),
-    # -mamx-*: the AMX prefill product (cpu_gemm.c), run only where dsv3_amx_init says the tiles are there
-    "avx512bf16": (("-march=x86-64-v4", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
-                   ("avx2", "fma", "f16c", "bmi2", *_V4, "avx512_bf16")),
+    "avx512bf16": (("-march=x86-64-v4", "-mavx512bf16"), ("avx2", "fma", "f16c", "bmi2", *_V4, "avx512_bf16")),
 }
 ABI = 7  # must equal dsv3_cpu_abi() in cpu_fp8.c
 # Elements per job: large enough that the per-call cost (a few microseconds) is noise, small

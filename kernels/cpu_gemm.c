@@ -851,8 +851,9 @@ int dsv3_amx_init(void) {
 /* y [M, n1-n0] (float32, rows ldy apart) = x [M,K] (bfloat16 when xbf16, else float32; rows ldx
  * apart) . w[n0:n1]^T, w the E4M3 codes q [N,K] with block scales s [ceil(N/128), ceil(K/128)],
  * on the tiles (see above). Returns 0, or -1 when scratch memory cannot be had. */
-DSV3_HIDDEN int64_t amx_fp8_product(const void *x, int xbf16, int64_t ldx, int64_t M, int64_t K, const uint8_t *q,
-                                    const float *s, int64_t n0, int64_t n1, float *y, int64_t ldy) {
+DSV3_HIDDEN AMX_TARGET int64_t amx_fp8_product(const void *x, int xbf16, int64_t ldx, int64_t M, int64_t K,
+                                               const uint8_t *q, const float *s, int64_t n0, int64_t n1, float *y,
+                                               int64_t ldy) {
     int64_t Kp = (K + 31) / 32 * 32, Mp = (M + 15) / 16 * 16, KB = (K + 127) / 128;
     /* xb [Mp/16][Kp/2][16][2]: tokens in tiles of 16, their k in pairs; panel [32][Kp]; cb 4 tiles */
     size_t xn = (size_t)Mp * Kp, pn = (size_t)32 * Kp;

@@ -199,9 +199,13 @@ DSV3_HIDDEN int64_t fp8_product(const float *x, int64_t M, int64_t K, const uint
 enum { PK_F32 = 0, PK_BF16 = 1, PK_FP8 = 2 }; /* pk_product's weight formats */
 DSV3_HIDDEN int64_t pk_product(const void *x, int xbf16, int64_t ldx, int64_t M, int64_t K, int wtype, const void *w,
                                int64_t ldw, const float *s, int64_t n0, int64_t n1, float *y, int64_t ldy);
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
-#define DSV3_AMX 1 /* the AMX prefill product (cpu_gemm.c) */
-DSV3_HIDDEN int64_t amx_fp8_product(const void *x, int xbf16, int64_t ldx, int64_t M, int64_t K, const uint8_t *q,
+#if defined(__AVX512BF16__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+/* the AMX prefill product (cpu_gemm.c): only it is compiled for the tiles (a compiler without
+ * them still builds the rest of the variant) */
+#define DSV3_AMX 1
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
+DSV3_HIDDEN AMX_TARGET int64_t amx_fp8_product(const void *x, int xbf16, int64_t ldx, int64_t M, int64_t K, const uint8_t *q,
                                     const float *s, int64_t n0, int64_t n1, float *y, int64_t ldy);
 #endif
 DSV3_HIDDEN void to_f32(const void *x, int bf16, int64_t ldx, int64_t M, int64_t K, float *out);
