@@ -21,6 +21,7 @@
  *   nn: y[g][m][n] = sum_k x[g][m][k] * w[g][k][n]   (x @ w: w is [K,N])
  */
 
+#define _GNU_SOURCE /* syscall(), for dsv3_amx_init */
 #include "cpu_vec.h"
 
 /* ---- nt: y = x . w^T, one row of w against MB rows of x at a time -------------------------------- */
