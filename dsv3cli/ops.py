@@ -543,8 +543,10 @@ class CpuOps(TorchOps):
         With moe.expert_parts > 1 the experts are cut into that many parts (the shared expert
         one of them) whose float32 sums are added in order (dsv3_sum_f32): the parts run on
         different threads, each reading only its experts' weights, and tokens are cut too where
-        there are more threads than parts. A token's result depends on neither the other tokens
-        nor the thread count."""
+        there are more threads than parts. In an exact forward a token's result depends on
+        neither the other tokens nor the thread count (a prefill's experts of many tokens take
+        the packed or AMX products, chosen by the tokens each call sees). With AMX, a bfloat16
+        prefill's dense experts go to the reference's loop (each expert's tokens through oneDNN)."""
         amx = not self.exact and not self.all_products and x.shape[0] > self.rt.small_rows < SMALL_ROWS
         if amx and (moe.w13 is not None or not self.kern.amx_fp8):
             return super().moe_experts(moe, x, w, idx)  # AMX: each expert's tokens through oneDNN
