@@ -107,10 +107,15 @@ class Runtime:
         return self.cpu is not None and self.dtype == BF16 and not self.cpu.native_bf16
 
     @property
+    def amx(self) -> bool:
+        """bfloat16 on a CPU with AMX: a prefill's products of more than AMX_ROWS rows run on the tiles."""
+        return self.cpu is not None and self.cpu.amx and self.dtype == BF16
+
+    @property
     def small_rows(self) -> int:
         """Up to this many rows a prefill's product stays in C where torch's are fast (SMALL_ROWS,
-        AMX_ROWS for bfloat16 on a CPU with AMX)."""
-        return AMX_ROWS if self.cpu is not None and self.cpu.amx and self.dtype == BF16 else SMALL_ROWS
+        AMX_ROWS with AMX)."""
+        return AMX_ROWS if self.amx else SMALL_ROWS
 
     def torch_threads(self) -> int:
         """Threads for torch's own ops. One when the C kernels do all the products: torch then
@@ -423,7 +428,7 @@ class CpuOps(TorchOps):
         """FP8 weights straight from their codes (cpu_gemm.c's dsv3_fp8_gemm: never a dequantized
         copy); dense ones through `matmul_t`."""
         rows = x.numel() // max(x.shape[-1], 1)
-        tiles = not self.exact and rows > self.rt.small_rows and self.kern.amx_fp8 and x.dtype == BF16  # AMX
+        tiles = not self.exact and self.rt.amx and self.kern.amx_fp8 and rows > AMX_ROWS and x.dtype == BF16
         if not lin.is_fp8 or x.dtype not in (BF16, torch.float32) or not (tiles or self._c_rows(rows)) or \
                 not self._fp8_ready(lin):
             return super().linear(x, lin)
@@ -547,7 +552,7 @@ class CpuOps(TorchOps):
         neither the other tokens nor the thread count (a prefill's experts of many tokens take
         the packed or AMX products, chosen by the tokens each call sees). With AMX, a bfloat16
         prefill's dense experts go to the reference's loop (each expert's tokens through oneDNN)."""
-        amx = not self.exact and not self.all_products and x.shape[0] > self.rt.small_rows < SMALL_ROWS
+        amx = not self.exact and not self.all_products and self.rt.amx and x.shape[0] > AMX_ROWS
         if amx and (moe.w13 is not None or not self.kern.amx_fp8):
             return super().moe_experts(moe, x, w, idx)  # AMX: each expert's tokens through oneDNN
         fp8 = self._fp8_experts(moe) if moe.w13 is None else None  # FP8 experts the kernel can take

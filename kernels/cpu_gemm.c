@@ -350,7 +350,7 @@ static inline __attribute__((always_inline)) void nt_tile_fp8(const float *x, in
     }
     if (k + 16 <= K) {
         for (int j = 0; j < NB; j++) {
-            __m512 wv = _mm512_cvtph_ps(fp8_half_bits(_mm_loadu_si128((const __m128i *)(w + j * ldw + k))));
+            __m512 wv = fp8x16_ps(w + j * ldw + k);
             for (int i = 0; i < MB; i++) acc[i * NB + j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + k), wv, acc[i * NB + j]);
         }
         k += 16;
@@ -438,6 +438,13 @@ DSV3_HIDDEN void store(const float *v, void *y, int bf16, int64_t n) {
     } else {
         memcpy(y, v, (size_t)n * sizeof(float));
     }
+}
+
+/* rows of y [M, n] (float32, contiguous) into the columns n0.. of y (rows ldy apart), bfloat16
+ * (bf16=1) or float32: a column range's results, as the product wrappers below write them */
+static void store_cols(const float *yf, void *y, int bf16, int64_t ldy, int64_t M, int64_t n0, int64_t n) {
+    size_t es = bf16 ? 2 : 4;
+    for (int64_t m = 0; m < M; m++) store(yf + m * n, (char *)y + (m * ldy + n0) * es, bf16, n);
 }
 
 /* B x H independent products (nt or nn, see the top), x, w and y all bfloat16 (bf16=1) or all
@@ -598,10 +605,7 @@ int64_t dsv3_fp8_gemm(int bf16, const void *x, int64_t ldx, const uint8_t *q, co
     float *yf = xf + M * K;
     to_f32(x, bf16, ldx, M, K, xf);
     int64_t rc = fp8_product(xf, M, K, q, s, n0, n1, yf, n);
-    if (!rc) {
-        size_t es = bf16 ? 2 : 4;
-        for (int64_t m = 0; m < M; m++) store(yf + m * n, (char *)y + (m * ldy + n0) * es, bf16, n);
-    }
+    if (!rc) store_cols(yf, y, bf16, ldy, M, n0, n);
     free(xf);
     return rc;
 }
@@ -814,10 +818,7 @@ int64_t dsv3_gemm_prefill(int bf16, int wtype, const void *x, int64_t ldx, const
     float *yf = malloc((size_t)(M * n) * sizeof(float) + 64);
     if (!yf) return -1;
     int64_t rc = pk_product(x, bf16, ldx, M, K, wtype, w, ldw, s, n0, n1, yf, n);
-    if (!rc) {
-        size_t es = bf16 ? 2 : 4;
-        for (int64_t m = 0; m < M; m++) store(yf + m * n, (char *)y + (m * ldy + n0) * es, bf16, n);
-    }
+    if (!rc) store_cols(yf, y, bf16, ldy, M, n0, n);
     free(yf);
     return rc;
 }
@@ -890,9 +891,8 @@ DSV3_HIDDEN AMX_TARGET int64_t amx_fp8_product(const void *x, int xbf16, int64_t
                 const float *sr = s + (nb + j) / 128 * KB;
                 for (; k + 32 <= K; k += 32) { /* 32 k never straddle a 128 block */
                     __m512 sc = _mm512_set1_ps(sr[k / 128] * 256.0f);
-                    __m512 lo = _mm512_cvtph_ps(fp8_half_bits(_mm_loadu_si128((const __m128i *)(qr + k))));
-                    __m512 hi = _mm512_cvtph_ps(fp8_half_bits(_mm_loadu_si128((const __m128i *)(qr + k + 16))));
-                    _mm512_storeu_si512(pr + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc), _mm512_mul_ps(lo, sc)));
+                    __m512 lo = _mm512_mul_ps(fp8x16_ps(qr + k), sc), hi = _mm512_mul_ps(fp8x16_ps(qr + k + 16), sc);
+                    _mm512_storeu_si512(pr + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
                 }
                 for (; k < K; k++) pr[k] = f32_bf16(fp8_f32(qr[k]) * (sr[k / 128] * 256.0f));
             }
@@ -946,10 +946,7 @@ int64_t dsv3_fp8_gemm_amx(int bf16, const void *x, int64_t ldx, const uint8_t *q
     float *yf = malloc((size_t)(M * n) * sizeof(float) + 64);
     if (!yf) return -1;
     int64_t rc = amx_fp8_product(x, bf16, ldx, M, K, q, s, n0, n1, yf, n);
-    if (!rc) {
-        size_t es = bf16 ? 2 : 4;
-        for (int64_t m = 0; m < M; m++) store(yf + m * n, (char *)y + (m * ldy + n0) * es, bf16, n);
-    }
+    if (!rc) store_cols(yf, y, bf16, ldy, M, n0, n);
     free(yf);
     return rc;
 #else

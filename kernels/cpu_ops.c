@@ -290,6 +290,16 @@ struct fp8_experts {
     int bf16;
     int64_t D, I, Is, lo;
 };
+/* a prefill's product for fp8_expert, its weight q [n1,K] with scales s: on the AMX tiles (pk 2),
+ * else pk_product */
+static int64_t fp8_prefill(int pk, const void *x, int xbf16, int64_t M, int64_t K, const uint8_t *q, const float *s,
+                           int64_t n1, float *y, int64_t ldy) {
+#ifdef DSV3_AMX
+    if (pk == 2) return amx_fp8_product(x, xbf16, K, M, K, q, s, 0, n1, y, ldy);
+#endif
+    return pk_product(x, xbf16, K, M, K, PK_FP8, q, K, s, 0, n1, y, ldy);
+}
+
 static int64_t fp8_expert(const void *ctx, int64_t e, const char *xs, int64_t r, float *out, float *work, int pk) {
     const struct fp8_experts *c = ctx;
     const int64_t *p = e < c->lo ? c->sp : c->ptr + (e - c->lo) * 6;
@@ -297,17 +307,9 @@ static int64_t fp8_expert(const void *ctx, int64_t e, const char *xs, int64_t r,
     float *xf = work, *gu = xf + r * D, *act = gu + r * 2 * Ie;
     const uint8_t *q[3] = {(const uint8_t *)p[0], (const uint8_t *)p[2], (const uint8_t *)p[4]};
     const float *s[3] = {(const float *)p[1], (const float *)p[3], (const float *)p[5]};
-#ifdef DSV3_AMX
-    if (pk == 2) { /* the AMX tiles */
-        rc = amx_fp8_product(xs, c->bf16, D, r, D, q[0], s[0], 0, Ie, gu, 2 * Ie);
-        rc = rc ? rc : amx_fp8_product(xs, c->bf16, D, r, D, q[1], s[1], 0, Ie, gu + Ie, 2 * Ie);
-        for (int64_t j = 0; j < r && !rc; j++) silu_mul(gu + j * 2 * Ie, gu + j * 2 * Ie + Ie, act + j * Ie, Ie);
-        return rc ? rc : amx_fp8_product(act, 0, Ie, r, Ie, q[2], s[2], 0, D, out, D);
-    }
-#endif
     if (pk) {
-        rc = pk_product(xs, c->bf16, D, r, D, PK_FP8, q[0], D, s[0], 0, Ie, gu, 2 * Ie);
-        rc = rc ? rc : pk_product(xs, c->bf16, D, r, D, PK_FP8, q[1], D, s[1], 0, Ie, gu + Ie, 2 * Ie);
+        rc = fp8_prefill(pk, xs, c->bf16, r, D, q[0], s[0], Ie, gu, 2 * Ie);
+        rc = rc ? rc : fp8_prefill(pk, xs, c->bf16, r, D, q[1], s[1], Ie, gu + Ie, 2 * Ie);
     } else {
         to_f32(xs, c->bf16, D, r, D, xf);
         rc = fp8_product(xf, r, D, q[0], s[0], 0, Ie, gu, 2 * Ie);
@@ -315,7 +317,7 @@ static int64_t fp8_expert(const void *ctx, int64_t e, const char *xs, int64_t r,
     }
     if (rc) return rc;
     for (int64_t j = 0; j < r; j++) silu_mul(gu + j * 2 * Ie, gu + j * 2 * Ie + Ie, act + j * Ie, Ie);
-    return pk ? pk_product(act, 0, Ie, r, Ie, PK_FP8, q[2], Ie, s[2], 0, D, out, D) : fp8_product(act, r, Ie, q[2], s[2], 0, D, out, D);
+    return pk ? fp8_prefill(pk, act, 0, r, Ie, q[2], s[2], D, out, D) : fp8_product(act, r, Ie, q[2], s[2], 0, D, out, D);
 }
 
 /* dsv3_moe for FP8 experts (fp8_expert), the products straight from the codes (fp8_product, or

@@ -164,11 +164,16 @@ static inline void fp8_pairs32(__m256i codes, __m256i *even, __m256i *odd) {
 }
 #endif
 
+#ifdef __AVX512F__
+/* 16 codes -> their values times 2^-8, in order */
+static inline __m512 fp8x16_ps(const uint8_t *p) { return _mm512_cvtph_ps(fp8_half_bits(_mm_loadu_si128((const __m128i *)p))); }
+#endif
+
 /* 16 codes -> their values times 2^-8 */
 static inline v16f ld_fp8(const uint8_t *p) {
     v16f f;
 #if defined(__AVX512F__)
-    __m512 v = _mm512_cvtph_ps(fp8_half_bits(_mm_loadu_si128((const __m128i *)p)));
+    __m512 v = fp8x16_ps(p);
     memcpy(&f, &v, sizeof f);
 #elif defined(__AVX2__)
     __m128i a, b;

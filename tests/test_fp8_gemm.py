@@ -49,6 +49,11 @@ def fp8_linear(w: torch.Tensor, **kw) -> Linear:
     return lin
 
 
+def prefill_shapes(rows: int) -> list[tuple[int, int, int]]:
+    """(N, K, M) of a prefill's products at ragged shapes, each of more than `rows` rows."""
+    return [(130, 300, rows + 1), (257, 128, 40), (64, 1000, 23), (200, 77, 70), (17, 16, 33), (300, 2100, 19)]
+
+
 def exact(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """The FP8 weight (q, s) in float64, exactly (codes through a table of their values)."""
     o, i = q.shape
@@ -135,7 +140,7 @@ def test_fp8_prefill_takes_the_packed_product(variant, monkeypatch):
         pytest.skip(f"{variant}: a prefill takes oneDNN (bfloat16 dot products) or the row kernels (an unmeasured pack)")
     monkeypatch.setattr(ops_mod, "PARALLEL_MACS", 1)  # split even these small calls
     g = torch.Generator().manual_seed(SEED)
-    for N, K, M in [(130, 300, PACK_ROWS + 1), (257, 128, 40), (64, 1000, 23), (200, 77, 70), (17, 16, 30), (300, 2100, 19)]:
+    for N, K, M in prefill_shapes(PACK_ROWS):
         lin = fp8_linear(torch.randn(N, K, generator=g) / K**0.5)
         x = torch.randn(M, K, generator=g).to(BF16)
         y = ops.linear(x, lin)
@@ -235,7 +240,7 @@ def test_amx_fp8_prefill_is_the_bfloat16_weight_times_x(monkeypatch):
     tiles = ops.lib.dsv3_fp8_gemm_amx
     monkeypatch.setattr(ops.lib, "dsv3_fp8_gemm_amx", lambda *a: calls.append(a[7]) or tiles(*a))
     g = torch.Generator().manual_seed(SEED)
-    for N, K, M in [(130, 300, AMX_ROWS + 1), (257, 128, 40), (64, 1000, 23), (200, 77, 70), (17, 16, 33), (300, 2100, 19)]:
+    for N, K, M in prefill_shapes(AMX_ROWS):
         lin = fp8_linear(torch.randn(N, K, generator=g) / K**0.5)
         x = torch.randn(M, K, generator=g).to(BF16)
         y = ops.linear(x, lin)
