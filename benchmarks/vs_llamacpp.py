@@ -8,7 +8,8 @@ converter dequantizes FP8 itself). Then, for several rounds and each --threads v
 alternating order:
   - a 2 GiB read probe (torch sum, same thread count): the machine's read bandwidth then;
   - `dsv3 generate --json` (prompt of --prompt-len random ids, --new-tokens greedy tokens);
-  - `llama-bench` (prefill pp<prompt-len>, decode tg<new-tokens> at depth <prompt-len>).
+  - `llama-bench` (prefill pp<prompt-len>, decode tg<new-tokens> at depth <prompt-len>), with its
+    defaults, or `--repack 0` where those abort on the CPU (said on stderr and in the output).
 Printed: decode and prefill tokens/s of each pair (dsv3 BF16 vs llama.cpp BF16, dsv3 FP8 vs
 llama.cpp Q8_0), the ratio dsv3/llama.cpp (median, with min-max over rounds), and each
 program's GB/s of weights: the bytes a decode token reads (attention of every layer, dense
